@@ -1,0 +1,151 @@
+"""Model metrics with the paper's conventions (spec §6) plus size and BitOPs (fracbits.md §1.5).
+
+- TP / TB count only *counted* quantized tensors (not BN, not FP shortcuts, not the per-layer scales);
+  all-zero tensors cost 0 bits (spec P15). Compression = 32 TP / TB; average bits = TB / TP.
+- BitOPs = 1e-9 sum_l MACs_l * w_bits_l * a_bits_l, the FracBits / HAWQ-V3 definition.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+from torch import nn
+
+from bsq.quant import bits as B
+from bsq.quant.act import ActQuant
+from bsq.quant.convert import bit_layers
+from bsq.quant.layers import BitConv2d, BitLayer, BitLinear
+
+__all__ = ["layer_table", "summary", "layer_macs", "bitops_g", "size_mb", "model_bitops_g", "FLOAT_BITS"]
+
+FLOAT_BITS = 32
+
+
+def layer_table(model: nn.Module) -> pd.DataFrame:
+    """One row per quantized tensor: name, params, stored bits N, effective bits, counted, % ones per plane."""
+    rows = []
+    for name, layer in bit_layers(model):
+        for what in layer.quantized_tensors():
+            key = name if what == "weight" else f"{name}.bias"
+            ones = B.ones_percent(*layer.planes(what)[:2]) if layer.form == "bits" else []
+            rows.append(
+                {
+                    "layer": key,
+                    "params": layer.num_params(what),
+                    "nbits": layer.precision(what),
+                    "bits": layer.effective_bits(what),
+                    "counted": layer.counted,
+                    "scale": float(getattr(layer, layer._names(what)[2]).detach()),
+                    "ones_pct": [round(z, 2) for z in ones],
+                }
+            )
+    return pd.DataFrame(rows, columns=["layer", "params", "nbits", "bits", "counted", "scale", "ones_pct"])
+
+
+def summary(model: nn.Module) -> dict[str, float]:
+    """TP, TB, average bits, compression (paper), quantized size and full model size in MB."""
+    table = layer_table(model)
+    counted = table[table["counted"]]
+    tp = int(counted["params"].sum())
+    tb = int((counted["params"] * counted["bits"]).sum())
+    uncounted_float = sum(p.numel() for n, p in model.named_parameters() if not _is_quantized_param(model, n)) + sum(
+        b.numel() for b in model.buffers() if b.is_floating_point()
+    )
+    uncounted_q = table[~table["counted"]]
+    return {
+        "quantized_params": tp,
+        "total_bits": tb,
+        "avg_bits": tb / tp if tp else float("nan"),
+        "compression": FLOAT_BITS * tp / tb if tb else float("inf"),
+        "size_mb": tb / 8e6,
+        # everything a deployment stores: quantized tensors at their bits, other tensors (scales, BN, FP
+        # shortcuts, PACT alphas, BN statistics) at 32 bits (spec P16 "full model size").
+        "full_size_mb": (tb + int((uncounted_q["params"] * uncounted_q["bits"]).sum()) + FLOAT_BITS * uncounted_float)
+        / 8e6,
+    }
+
+
+def _is_quantized_param(model: nn.Module, param_name: str) -> bool:
+    module_name, _, leaf = param_name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    return isinstance(module, BitLayer) and leaf in ("pweight", "nweight", "pbias", "nbias", "weight", "bias")
+
+
+def layer_macs(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
+    """MACs of every conv / linear layer (float or bit form) for one input of `input_size` (C, H, W)."""
+    macs: dict[str, int] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, BitConv2d)):
+
+            def conv_hook(mod, inp, out, name=name):
+                kh, kw = mod.kernel_size
+                macs[name] = kh * kw * (mod.in_channels // mod.groups) * out[0].numel()
+
+            hooks.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, (nn.Linear, BitLinear)):
+
+            def linear_hook(mod, inp, out, name=name):
+                macs[name] = mod.in_features * mod.out_features
+
+            hooks.append(m.register_forward_hook(linear_hook))
+    _probe(model, input_size)
+    for h in hooks:
+        h.remove()
+    return macs
+
+
+def _probe(model: nn.Module, input_size: tuple[int, ...]) -> None:
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        model(torch.rand(1, *input_size, device=device))
+    model.train(was_training)
+
+
+def bitops_g(macs: dict[str, int], w_bits: dict[str, float], a_bits: dict[str, float]) -> float:
+    """1e-9 sum_l MACs_l w_l a_l over the layers in `macs` (missing bits count as 32-bit float)."""
+    return 1e-9 * sum(m * w_bits.get(n, FLOAT_BITS) * a_bits.get(n, FLOAT_BITS) for n, m in macs.items())
+
+
+def size_mb(params: dict[str, int], w_bits: dict[str, float], float_bias_entries: int = 0) -> float:
+    """FracBits' model size: sum_l params_l bits_l / 8e6 + 4e-6 per 32-bit bias entry (fracbits.md §1.5)."""
+    return sum(p * w_bits.get(n, FLOAT_BITS) for n, p in params.items()) / 8e6 + 4e-6 * float_bias_entries
+
+
+def model_bitops_g(model: nn.Module, input_size: tuple[int, ...], input_bits: int = 8) -> float:
+    """BitOPs of a (bit-form or float) model: weight bits from its bit layers (float layers 32), input
+    activation bits traced from the `ActQuant` that produced each layer's input. The image counts as
+    `input_bits` (8, the FracBits convention); inputs no quantizer produced (pooled features, an unquantized
+    stem) count as 32."""
+    w_bits = {n: layer.effective_bits("weight") for n, layer in bit_layers(model)}
+    # id -> (bits, tensor): holding the tensor keeps its id from being reused by a later tensor.
+    produced: dict[int, tuple[int, torch.Tensor]] = {}
+    a_bits: dict[str, float] = {}
+    hooks = []
+
+    def act_hook(mod, inp, out):
+        if mod.quantizes:
+            produced[id(out)] = (mod.bits, out)
+
+    def pre_hook(mod, inp, name):
+        a_bits[name] = produced.get(id(inp[0]), (FLOAT_BITS, None))[0]
+
+    for name, m in model.named_modules():
+        if isinstance(m, ActQuant):
+            hooks.append(m.register_forward_hook(act_hook))
+        elif isinstance(m, (nn.Conv2d, nn.Linear, BitLayer)):
+            hooks.append(m.register_forward_pre_hook(lambda mod, inp, name=name: pre_hook(mod, inp, name)))
+    macs = layer_macs(model, input_size)  # runs its own probe; now trace activations with ours
+    device = next(model.parameters()).device
+    x = torch.rand(1, *input_size, device=device)
+    produced[id(x)] = (input_bits, x)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    model.train(was_training)
+    for h in hooks:
+        h.remove()
+    return bitops_g(macs, w_bits, a_bits)

@@ -1,0 +1,1 @@
+"""Bit-plane quantization: straight-through estimators, pure bit-plane arithmetic, layers and model conversion."""
