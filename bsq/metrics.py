@@ -71,37 +71,47 @@ def _is_quantized_param(model: nn.Module, param_name: str) -> bool:
     return isinstance(module, BitLayer) and leaf in ("pweight", "nweight", "pbias", "nbias", "weight", "bias")
 
 
-def layer_macs(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
-    """MACs of every conv / linear layer (float or bit form) for one input of `input_size` (C, H, W)."""
-    macs: dict[str, int] = {}
+def _mac_hooks(model: nn.Module, macs: dict[str, int]) -> list:
+    """Forward hooks that record each conv / linear layer's MACs (float or bit form) into `macs`."""
+
+    def conv_hook(mod, inp, out, name):
+        kh, kw = mod.kernel_size
+        macs[name] = kh * kw * (mod.in_channels // mod.groups) * out[0].numel()
+
+    def linear_hook(mod, inp, out, name):
+        macs[name] = mod.in_features * mod.out_features
+
     hooks = []
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, BitConv2d)):
-
-            def conv_hook(mod, inp, out, name=name):
-                kh, kw = mod.kernel_size
-                macs[name] = kh * kw * (mod.in_channels // mod.groups) * out[0].numel()
-
-            hooks.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, (nn.Linear, BitLinear)):
-
-            def linear_hook(mod, inp, out, name=name):
-                macs[name] = mod.in_features * mod.out_features
-
-            hooks.append(m.register_forward_hook(linear_hook))
-    _probe(model, input_size)
-    for h in hooks:
-        h.remove()
-    return macs
+        hook = conv_hook if isinstance(m, (nn.Conv2d, BitConv2d)) else None
+        hook = linear_hook if isinstance(m, (nn.Linear, BitLinear)) else hook
+        if hook is not None:
+            hooks.append(m.register_forward_hook(lambda mod, inp, out, name=name, hook=hook: hook(mod, inp, out, name)))
+    return hooks
 
 
-def _probe(model: nn.Module, input_size: tuple[int, ...]) -> None:
+def _probe(model: nn.Module, x: torch.Tensor, hooks: list) -> None:
+    """One eval-mode forward of a single example with the given hooks, which are removed afterwards."""
     was_training = model.training
-    device = next(model.parameters()).device
     model.eval()
-    with torch.no_grad():
-        model(torch.rand(1, *input_size, device=device))
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+
+
+def _example(model: nn.Module, input_size: tuple[int, ...]) -> torch.Tensor:
+    return torch.rand(1, *input_size, device=next(model.parameters()).device)
+
+
+def layer_macs(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
+    """MACs of every conv / linear layer for one input of `input_size` (C, H, W)."""
+    macs: dict[str, int] = {}
+    _probe(model, _example(model, input_size), _mac_hooks(model, macs))
+    return macs
 
 
 def bitops_g(macs: dict[str, int], w_bits: dict[str, float], a_bits: dict[str, float]) -> float:
@@ -137,15 +147,8 @@ def model_bitops_g(model: nn.Module, input_size: tuple[int, ...], input_bits: in
             hooks.append(m.register_forward_hook(act_hook))
         elif isinstance(m, (nn.Conv2d, nn.Linear, BitLayer)):
             hooks.append(m.register_forward_pre_hook(lambda mod, inp, name=name: pre_hook(mod, inp, name)))
-    macs = layer_macs(model, input_size)  # runs its own probe; now trace activations with ours
-    device = next(model.parameters()).device
-    x = torch.rand(1, *input_size, device=device)
+    macs: dict[str, int] = {}
+    x = _example(model, input_size)
     produced[id(x)] = (input_bits, x)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        model(x)
-    model.train(was_training)
-    for h in hooks:
-        h.remove()
+    _probe(model, x, hooks + _mac_hooks(model, macs))
     return bitops_g(macs, w_bits, a_bits)

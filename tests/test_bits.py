@@ -110,3 +110,30 @@ def test_prune_keeps_middle_zero_planes_and_stops_at_one_bit():
     zero = torch.zeros(4, 5)
     q = B.prune(B.Planes(zero, zero, torch.tensor(1.0), 5))
     assert q.nbits == 1 and float(q.scale) == pytest.approx(1 / 31)
+
+
+def _step_and_values(q: B.Planes) -> tuple[float, torch.Tensor]:
+    step = float(q.scale) / (2**q.nbits - 1)
+    return step, q.scale * B.planes_to_unit(q.pos.double(), q.neg.double(), B.place_values(q.nbits, torch.float64))
+
+
+def test_msb_drop_keeps_the_step_and_lsb_drop_doubles_it():
+    """An empty MSB leaves s/(2^N-1) unchanged; an empty LSB doubles it; the weights never change."""
+    s = torch.tensor(0.9, dtype=torch.float64)
+    msb_empty = B.Planes(
+        B.int_to_planes(torch.tensor([0b0111, 0b0010]), 4).double(),
+        B.int_to_planes(torch.tensor([0, 0b0101]), 4).double(),
+        s,
+        4,
+    )
+    step0, w0 = _step_and_values(msb_empty)
+    q = B.prune(msb_empty)
+    step1, w1 = _step_and_values(q)
+    assert q.nbits == 3 and step1 == pytest.approx(step0) and torch.allclose(w1, w0)
+    lsb_empty = B.Planes(
+        B.int_to_planes(torch.tensor([0b1110, 0b0010]), 4).double(), torch.zeros(2, 4, dtype=torch.float64), s, 4
+    )
+    step0, w0 = _step_and_values(lsb_empty)
+    q = B.prune(lsb_empty)
+    step1, w1 = _step_and_values(q)
+    assert q.nbits == 3 and step1 == pytest.approx(2 * step0) and torch.allclose(w1, w0)

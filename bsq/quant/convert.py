@@ -108,10 +108,9 @@ def quantize_model(
         has_bias = module.bias is not None and policy.quantize_bias
         bias_nbits = None if not has_bias else (nbits if scheme is None else scheme.get(f"{name}.bias", nbits))
         factory = BitConv2d if isinstance(module, nn.Conv2d) else BitLinear
-        float_module = module
         if module.bias is not None and not policy.quantize_bias:
             raise BSQError(f"{name} has a bias; quantize_bias=False is not supported (the bias would be lost)")
-        layer = factory.from_float(float_module, nbits, bias_nbits)
+        layer = factory.from_float(module, nbits, bias_nbits)
         if is_shortcut(name):
             layer.counted = False  # paper-era shortcuts: quantized and regularized, never counted (spec §4.4)
         _set_submodule(model, name, layer)

@@ -10,6 +10,8 @@ State-dict keys match the official bit form (spec §7.3) so its checkpoints load
 
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,8 +24,8 @@ __all__ = ["BitLayer", "BitConv2d", "BitLinear", "is_bit_layer"]
 FORMS = ("bits", "latent")
 
 
-class BitLayer(nn.Module):
-    """Shared machinery; subclasses only say how to apply the weight (`_apply`) and how to build a float twin."""
+class BitLayer(nn.Module, abc.ABC):
+    """Shared machinery; subclasses only say how to apply the weight (`_apply_weight`) and how to build a float twin."""
 
     def __init__(self, weight_shape: tuple[int, ...], bias: bool, nbits: int, bias_nbits: int | None) -> None:
         super().__init__()
@@ -111,8 +113,9 @@ class BitLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._apply_weight(x, self.quantized("weight"), self.quantized("bias") if self.has_bias else None)
 
-    def _apply_weight(self, x, weight, bias):  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The float op (conv / linear) applied with the quantized weight and bias."""
 
     # ---- BSQ steps -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -201,7 +204,7 @@ class BitLayer(nn.Module):
         flags = "" if self.counted else ", counted=False"
         return f"{self._shape_repr()}, nbits={self.nbits}{bias}, form={self.form}{flags}"
 
-    def _shape_repr(self) -> str:  # pragma: no cover - overridden
+    def _shape_repr(self) -> str:
         return str(self.weight_shape)
 
 
