@@ -156,6 +156,24 @@ class BitLayer(nn.Module, abc.ABC):
                 raise ValueError("a float bias is required for a layer with a quantized bias")
             self._set_planes("bias", B.float_to_planes(bias, nbits if bias_nbits is None else bias_nbits))
 
+    def _init_from_float(self, module: nn.Module, nbits: int, bias_nbits: int | None):
+        self.to(module.weight.device)
+        self.load_float_(module.weight, module.bias, nbits, bias_nbits)
+        return self
+
+    @torch.no_grad()
+    def to_float(self) -> nn.Module:
+        """Plain float layer holding exactly the quantized values (the official `to_float`, spec §5.3)."""
+        twin = self._empty_float_twin()
+        twin.weight.copy_(self.quantized("weight"))
+        if self.has_bias:
+            twin.bias.copy_(self.quantized("bias"))
+        return twin
+
+    @abc.abstractmethod
+    def _empty_float_twin(self) -> nn.Module:
+        """A fresh nn.Conv2d / nn.Linear with this layer's hyper-parameters."""
+
     @torch.no_grad()
     def set_precision_(self, nbits: int, what: str = "weight") -> None:
         """Resize the (empty) planes to N before `load_state_dict` of a bit-form checkpoint (spec §1.1, P20)."""
@@ -249,14 +267,10 @@ class BitConv2d(BitLayer):
             nbits=nbits,
             bias_nbits=bias_nbits,
         )
-        layer.to(conv.weight.device)
-        layer.load_float_(conv.weight, conv.bias, nbits, bias_nbits)
-        return layer
+        return layer._init_from_float(conv, nbits, bias_nbits)
 
-    @torch.no_grad()
-    def to_float(self) -> nn.Conv2d:
-        """Plain conv holding exactly the quantized values (the official `to_float`, spec §5.3)."""
-        conv = nn.Conv2d(
+    def _empty_float_twin(self) -> nn.Conv2d:
+        return nn.Conv2d(
             self.in_channels,
             self.out_channels,
             self.kernel_size,
@@ -267,10 +281,6 @@ class BitConv2d(BitLayer):
             bias=self.has_bias,
             device=self.scale.device,
         )
-        conv.weight.copy_(self.quantized("weight"))
-        if self.has_bias:
-            conv.bias.copy_(self.quantized("bias"))
-        return conv
 
     def _shape_repr(self) -> str:
         return (
@@ -306,17 +316,10 @@ class BitLinear(BitLayer):
             nbits=nbits,
             bias_nbits=bias_nbits,
         )
-        layer.to(linear.weight.device)
-        layer.load_float_(linear.weight, linear.bias, nbits, bias_nbits)
-        return layer
+        return layer._init_from_float(linear, nbits, bias_nbits)
 
-    @torch.no_grad()
-    def to_float(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.has_bias, device=self.scale.device)
-        linear.weight.copy_(self.quantized("weight"))
-        if self.has_bias:
-            linear.bias.copy_(self.quantized("bias"))
-        return linear
+    def _empty_float_twin(self) -> nn.Linear:
+        return nn.Linear(self.in_features, self.out_features, bias=self.has_bias, device=self.scale.device)
 
     def _shape_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
