@@ -83,10 +83,13 @@ def _mac_hooks(model: nn.Module, macs: dict[str, int]) -> list:
 
     hooks = []
     for name, m in model.named_modules():
-        hook = conv_hook if isinstance(m, (nn.Conv2d, BitConv2d)) else None
-        hook = linear_hook if isinstance(m, (nn.Linear, BitLinear)) else hook
-        if hook is not None:
-            hooks.append(m.register_forward_hook(lambda mod, inp, out, name=name, hook=hook: hook(mod, inp, out, name)))
+        if isinstance(m, (nn.Conv2d, BitConv2d)):
+            hook = conv_hook
+        elif isinstance(m, (nn.Linear, BitLinear)):
+            hook = linear_hook
+        else:
+            continue
+        hooks.append(m.register_forward_hook(lambda mod, inp, out, name=name, hook=hook: hook(mod, inp, out, name)))
     return hooks
 
 

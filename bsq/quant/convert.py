@@ -101,15 +101,16 @@ def quantize_model(
         if is_shortcut(name) and not policy.quantize_shortcuts:
             continue
         chosen.append((name, module))
+    # Every check runs before the first swap, so a rejected call leaves the model untouched.
     if scheme is not None:
         _check_scheme(scheme, chosen, policy)
+    with_bias = [name for name, module in chosen if module.bias is not None]
+    if with_bias and not policy.quantize_bias:
+        raise BSQError(f"{with_bias[0]} has a bias; quantize_bias=False is not supported (the bias would be lost)")
     for name, module in chosen:
         nbits = policy.nbits if scheme is None else scheme[name]
-        has_bias = module.bias is not None and policy.quantize_bias
-        bias_nbits = None if not has_bias else (nbits if scheme is None else scheme.get(f"{name}.bias", nbits))
+        bias_nbits = None if module.bias is None else (nbits if scheme is None else scheme.get(f"{name}.bias", nbits))
         factory = BitConv2d if isinstance(module, nn.Conv2d) else BitLinear
-        if module.bias is not None and not policy.quantize_bias:
-            raise BSQError(f"{name} has a bias; quantize_bias=False is not supported (the bias would be lost)")
         layer = factory.from_float(module, nbits, bias_nbits)
         if is_shortcut(name):
             layer.counted = False  # paper-era shortcuts: quantized and regularized, never counted (spec §4.4)

@@ -21,8 +21,6 @@ from bsq.quant.ste import planes_to_weight_ste, quantize_levels_ste
 
 __all__ = ["BitLayer", "BitConv2d", "BitLinear", "is_bit_layer"]
 
-FORMS = ("bits", "latent")
-
 
 class BitLayer(nn.Module, abc.ABC):
     """Shared machinery; subclasses only say how to apply the weight (`_apply_weight`) and how to build a float twin."""
