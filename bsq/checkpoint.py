@@ -1,0 +1,177 @@
+"""Self-describing checkpoints: every file rebuilds its model alone (architecture, quantization policy, per-layer
+precisions, form), says where it came from (resolved config, labels, lineage of MLflow runs, library version) and,
+for resume files, carries the optimizer, epoch, history and RNG state. Writes are atomic, so a crash never leaves a
+half-written file where a finished one is expected.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import bsq
+from bsq.errors import BSQError
+
+__all__ = [
+    "FORMAT",
+    "save_checkpoint",
+    "load_checkpoint",
+    "model_form",
+    "layer_precisions",
+    "make_checkpoint",
+    "build_model",
+    "load_model",
+]
+
+FORMAT = "bsq-repro-checkpoint"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a bsq-repro checkpoint on CPU (`weights_only`, so no code runs); errors name the file and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise BSQError(f"checkpoint not found: {path}. Run the upstream stage first or fix the path.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, foreign pickle, ...
+        raise BSQError(
+            f"cannot read checkpoint {path}: {exc}. The file is corrupt or incomplete: delete it and re-run the "
+            "stage that writes it."
+        ) from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        hint = ""
+        if isinstance(ckpt, dict) and "state_dict" in ckpt:
+            hint = (
+                " It looks like a checkpoint of the authors' code: import it with `bsq pretrain --import-checkpoint` "
+                "or evaluate it with `bsq evaluate --checkpoint PATH --arch ARCH`."
+            )
+        raise BSQError(f"{path} is not a bsq-repro checkpoint.{hint}")
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+        raise BSQError(f"{path} was written by a newer bsq-repro ({ckpt.get('bsq_version')}); upgrade the package")
+    return ckpt
+
+
+def model_form(model: nn.Module) -> str:
+    """ "float" (no bit layers), or the common form of the bit layers ("bits" or "latent")."""
+    from bsq.quant.convert import bit_layers
+
+    forms = {layer.form for _, layer in bit_layers(model)}
+    if not forms:
+        return "float"
+    if len(forms) > 1:
+        raise BSQError(f"bit layers are in mixed forms {sorted(forms)}; convert them all with set_form_ first")
+    return forms.pop()
+
+
+def layer_precisions(model: nn.Module) -> dict[str, int]:
+    """The stored N of every quantized tensor (0 allowed in latent form), keyed like a scheme."""
+    from bsq.quant.convert import bit_layers
+
+    out: dict[str, int] = {}
+    for name, layer in bit_layers(model):
+        out[name] = int(layer.nbits)
+        if layer.has_bias:
+            out[f"{name}.bias"] = int(layer.bias_nbits)
+    return out
+
+
+def make_checkpoint(
+    model: nn.Module,
+    *,
+    stage: str,
+    model_args: dict[str, Any],
+    policy: dict[str, Any] | None,
+    config: dict[str, Any] | None = None,
+    labels: dict[str, Any] | None = None,
+    lineage: list[dict[str, Any]] | None = None,
+    metrics: dict[str, Any] | None = None,
+    epoch: int | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Payload for `save_checkpoint`; the state is copied to CPU so the file loads anywhere."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    form = model_form(model)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "bsq_version": bsq.__version__,
+        "torch_version": str(torch.__version__),
+        "stage": stage,
+        "form": form,
+        "model": dict(model_args),
+        "policy": dict(policy) if form != "float" and policy is not None else None,
+        "precisions": layer_precisions(model),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "config": config or {},
+        "labels": labels or {},
+        "lineage": list(lineage or []),
+        "metrics": metrics or {},
+        "epoch": epoch,
+        **extra,
+    }
+
+
+def build_model(model_args: dict[str, Any], form: str, policy: dict[str, Any] | None, precisions: dict[str, int]):
+    """An empty model with the structure a checkpoint describes (planes sized to its precisions)."""
+    from bsq.models import create_model
+    from bsq.quant.convert import QuantPolicy, bit_layers, quantize_model, set_form_
+
+    args = dict(model_args)
+    model = create_model(args.pop("arch"), **args)
+    if form == "float":
+        return model
+    if form not in ("bits", "latent"):
+        raise BSQError(f"unknown checkpoint form {form!r}")
+    scheme = {name: max(int(n), 1) for name, n in precisions.items()}
+    quantize_model(model, QuantPolicy(**(policy or {})), scheme=scheme)
+    if form == "latent":
+        set_form_(model, "latent")
+        for name, layer in bit_layers(model):  # restore exact N, including the 0-bit layers of spec §5.1
+            layer.nbits = int(precisions[name])
+            if layer.has_bias:
+                layer.bias_nbits = int(precisions[f"{name}.bias"])
+    return model
+
+
+def load_model(ckpt: dict[str, Any], overrides: dict[str, Any] | None = None, path: str | Path = "checkpoint"):
+    """Rebuild and load the model of a checkpoint. `overrides` replaces model arguments such as `act_bits` (e.g. a
+    full-precision pretrain checkpoint loaded into a 4-bit-activation search); PACT clip parameters absent from
+    the checkpoint then keep their initial value."""
+    args = {**ckpt["model"], **(overrides or {})}
+    model = build_model(args, ckpt["form"], ckpt.get("policy"), ckpt.get("precisions", {}))
+    state = ckpt["state_dict"]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    allowed_missing = [k for k in missing if k.endswith(".alpha")] if overrides else []
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if set(missing) - set(allowed_missing) or unexpected or wrong:
+        raise BSQError(
+            f"{path} does not fit the model it describes ({args.get('arch')}): missing {missing[:4]}, unexpected "
+            f"{unexpected[:4]}, wrong shape {wrong[:4]}. The file was edited or written by an incompatible version."
+        )
+    model.load_state_dict(state, strict=not allowed_missing)
+    return model

@@ -1,0 +1,294 @@
+"""Typed, validated configuration of one stage run (pretrain, search, prune, finetune, evaluate).
+
+A stage config is plain data (a nested dict from YAML, JSON or Snakemake) turned into dataclasses here, so a typo
+or a wrong value fails before anything runs, with the key and the fix in the message. Optimiser defaults are the
+paper's CIFAR-10 recipes (spec §8.1); the embedded default and the experiment overlays override them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from bsq.data import DataConfig
+from bsq.errors import BSQError
+
+__all__ = [
+    "STAGES",
+    "ModelConfig",
+    "OptimConfig",
+    "QuantConfig",
+    "BSQConfig",
+    "TrackingConfig",
+    "StageConfig",
+    "load_stage_config",
+    "config_to_dict",
+]
+
+STAGES = ("pretrain", "search", "prune", "finetune", "evaluate")
+
+# Paper recipes (spec §8.1): FP pretrain 350 ep (x0.1 at 150/250/325), BSQ 350 ep (x0.1 at 250),
+# finetune 300 ep from lr 0.01 (x0.1 at 150/250). Prune and evaluate do not train.
+RECIPES: dict[str, dict[str, Any]] = {
+    "pretrain": {"epochs": 350, "lr": 0.1, "milestones": [150, 250, 325]},
+    "search": {"epochs": 350, "lr": 0.1, "milestones": [250]},
+    "finetune": {"epochs": 300, "lr": 0.01, "milestones": [150, 250]},
+    "prune": {"epochs": 0},
+    "evaluate": {"epochs": 0},
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _require(ok: bool, key: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise BSQError(f"{key} must be {expected}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and activation quantization (spec §4): act_bits None = plain ReLU (full precision),
+    4 = BSQ's default ReLU6 + 4-bit, <= 3 = PACT, >= 32 = ReLU6 without quantization."""
+
+    arch: str = "resnet8"
+    act_bits: int | None = 4
+    stem_act_bits: int | None = None  # None = plain ReLU after the stem, as the official HEAD code
+    width: int | None = None  # CIFAR ResNets only: channels of the first stage (16 in the paper)
+
+    def __post_init__(self) -> None:
+        from bsq.models import model_info
+
+        _require(isinstance(self.arch, str), "model.arch", "a model name", self.arch)
+        model_info(self.arch)  # unknown names fail with the list of available models
+        for key in ("act_bits", "stem_act_bits", "width"):
+            value = getattr(self, key)
+            _require(value is None or (_is_int(value) and value >= 1), f"model.{key}", "null or an integer >= 1", value)
+
+
+@dataclass
+class OptimConfig:
+    """SGD with momentum and a step schedule, as every BSQ recipe (spec §8.1)."""
+
+    epochs: int = 0
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4  # also on bit planes and scales (spec P18)
+    nesterov: bool = False
+    schedule: str = "multistep"  # multistep | cosine | constant
+    milestones: list[int] = field(default_factory=list)  # epochs where lr *= gamma (multistep)
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.epochs) and self.epochs >= 0, "optim.epochs", "an integer >= 0", self.epochs)
+        _require(_is_number(self.lr) and self.lr > 0, "optim.lr", "a number > 0", self.lr)
+        _require(_is_number(self.momentum) and 0 <= self.momentum < 1, "optim.momentum", "in [0, 1)", self.momentum)
+        _require(
+            _is_number(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay", ">= 0", self.weight_decay
+        )
+        _require(isinstance(self.nesterov, bool), "optim.nesterov", "true or false", self.nesterov)
+        _require(
+            self.schedule in ("multistep", "cosine", "constant"),
+            "optim.schedule",
+            "one of multistep, cosine, constant",
+            self.schedule,
+        )
+        ok = isinstance(self.milestones, (list, tuple)) and all(_is_int(m) and m > 0 for m in self.milestones)
+        _require(
+            ok and list(self.milestones) == sorted(self.milestones),
+            "optim.milestones",
+            "increasing epochs",
+            self.milestones,
+        )
+        self.milestones = list(self.milestones)
+        _require(_is_number(self.gamma) and 0 < self.gamma <= 1, "optim.gamma", "in (0, 1]", self.gamma)
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of a whole epoch (the official scripts change it only at epoch boundaries)."""
+        if self.schedule == "multistep":
+            return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
+        if self.schedule == "cosine":
+            return 0.5 * self.lr * (1 + math.cos(math.pi * epoch / max(self.epochs, 1)))
+        return self.lr
+
+
+@dataclass
+class QuantConfig:
+    """Which layers become bit layers and at what starting precision (spec §1.3, §4.3, P4, P10)."""
+
+    nbits: int = 8  # starting precision of the search (the README's --Nbits 8)
+    maxbit: int = 8  # precision cap of re-quantization (hard-coded 8 in the official script, P10)
+    quantize_first: bool = True
+    quantize_last: bool = True
+    quantize_shortcuts: bool = False  # HEAD: 1x1 shortcuts in float; true = paper-era code
+
+    def __post_init__(self) -> None:
+        from bsq.quant.convert import MAX_BITS
+
+        for key in ("nbits", "maxbit"):
+            value = getattr(self, key)
+            _require(_is_int(value) and 1 <= value <= MAX_BITS, f"quant.{key}", f"an integer in 1..{MAX_BITS}", value)
+        for key in ("quantize_first", "quantize_last", "quantize_shortcuts"):
+            _require(isinstance(getattr(self, key), bool), f"quant.{key}", "true or false", getattr(self, key))
+
+    def policy(self):
+        from bsq.quant.convert import QuantPolicy
+
+        return QuantPolicy(
+            nbits=self.nbits,
+            quantize_first=self.quantize_first,
+            quantize_last=self.quantize_last,
+            quantize_shortcuts=self.quantize_shortcuts,
+        )
+
+
+@dataclass
+class BSQConfig:
+    """The search's regulariser and re-quantization schedule (spec §2-3)."""
+
+    alpha: float | str = 5e-3  # strength of alpha * R / TP; strings such as "5e-3" are accepted (Snakemake paths)
+    requant_interval: int = 100  # Prun_Int: re-quantize at the start of every epoch e with e % interval == 0
+    threshold: float = 0.0  # percent of weights with a bit set below which MSB/LSB planes go (final pass uses 0)
+    penalty: str = "group_lasso"  # group_lasso (BSQ) | l1 (element-wise ablation)
+    reweight: bool = True  # the P_l N_l / TP memory weighting of Eq. 5
+
+    def __post_init__(self) -> None:
+        raw = self.alpha
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            value = float("nan")
+        _require(
+            not isinstance(raw, bool) and math.isfinite(value) and value > 0,
+            "bsq.alpha",
+            "a number > 0 (the BSQ search needs a penalty; use the uniform baseline for none)",
+            raw,
+        )
+        _require(
+            _is_int(self.requant_interval) and self.requant_interval >= 1,
+            "bsq.requant_interval",
+            ">= 1",
+            self.requant_interval,
+        )
+        _require(
+            _is_number(self.threshold) and 0 <= self.threshold <= 100,
+            "bsq.threshold",
+            "a percentage in [0, 100]",
+            self.threshold,
+        )
+        _require(self.penalty in ("group_lasso", "l1"), "bsq.penalty", "group_lasso or l1", self.penalty)
+        _require(isinstance(self.reweight, bool), "bsq.reweight", "true or false", self.reweight)
+
+    @property
+    def value(self) -> float:
+        """alpha as a number; `alpha` itself keeps the spelling of the config ("5e-3"), used in labels and paths."""
+        return float(self.alpha)
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: one run per stage job; default store is local SQLite under results/ (no server)."""
+
+    enabled: bool = True
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under results_dir/mlflow
+    experiment: str | None = None  # None: bsq-repro-<dataset>-<arch>
+    results_dir: str = "results"  # where the default local store lives
+    tags: dict[str, str] = field(default_factory=dict)  # extra run tags (e.g. the Snakemake rule)
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.enabled, bool), "tracking.enabled", "true or false", self.enabled)
+        for key in ("uri", "experiment"):
+            value = getattr(self, key)
+            _require(value is None or (isinstance(value, str) and value), f"tracking.{key}", "null or a string", value)
+        _require(isinstance(self.tags, Mapping), "tracking.tags", "a mapping of strings", self.tags)
+        self.tags = {str(k): str(v) for k, v in self.tags.items()}
+
+
+@dataclass
+class StageConfig:
+    """Everything one stage job needs. Sections a stage does not use are ignored by it, so one resolved config
+    can serve a whole pipeline."""
+
+    stage: str = "pretrain"
+    method: str = "bsq"  # label of the method in tables and MLflow tags
+    seed: int = 1
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    progress: bool | None = None  # tqdm bars; None = only when stderr is a terminal
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    bsq: BSQConfig = field(default_factory=BSQConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.stage in STAGES, "stage", f"one of {', '.join(STAGES)}", self.stage)
+        _require(isinstance(self.method, str) and self.method, "method", "a non-empty string", self.method)
+        _require(_is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        ok = isinstance(self.device, str) and (
+            self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())
+        )
+        _require(ok, "device", "auto, cpu, cuda or cuda:N", self.device)
+        _require(
+            self.progress is None or isinstance(self.progress, bool), "progress", "null, true or false", self.progress
+        )
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "quant": QuantConfig,
+    "bsq": BSQConfig,
+    "tracking": TrackingConfig,
+}
+
+
+def _build(cls: type, values: Any, where: str, stage: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise BSQError(f"{where.rstrip('.') or 'the config'} must be a mapping of keys, got {values!r}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise BSQError(
+            f"unknown key(s) {', '.join(where + str(k) for k in unknown)} in the {stage} config. "
+            f"Valid keys{' under ' + where.rstrip('.') if where else ''}: {', '.join(known)}. Check the spelling."
+        )
+    kwargs = {}
+    for key, value in values.items():
+        section = SECTIONS.get(key) if cls is StageConfig else None
+        kwargs[key] = _build(section, value, f"{key}.", stage) if section else value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a dataclass validation tripping over a wrong type
+        raise BSQError(f"invalid value in the {stage} config section {where.rstrip('.') or '(top)'}: {exc}") from exc
+
+
+def load_stage_config(stage: str, config: Mapping[str, Any] | StageConfig | None = None) -> StageConfig:
+    """Validate `config` for `stage`, filling the stage's recipe defaults for unset optimiser keys."""
+    if isinstance(config, StageConfig):
+        return dataclasses.replace(config, stage=stage)
+    if stage not in STAGES:
+        raise BSQError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    values = copy.deepcopy(dict(config or {}))
+    if values.get("stage", stage) != stage:
+        raise BSQError(f"this config is for stage {values['stage']!r}, not {stage!r}")
+    values["stage"] = stage
+    optim = values.get("optim", {})
+    if isinstance(optim, Mapping):
+        values["optim"] = {**RECIPES[stage], **optim}
+    return _build(StageConfig, values, "", stage)
+
+
+def config_to_dict(config: StageConfig) -> dict[str, Any]:
+    """Plain nested dict (JSON-safe) of a resolved config: what checkpoints, MLflow params and hashes record."""
+    return dataclasses.asdict(config)
