@@ -16,7 +16,16 @@ from bsq.quant.act import ActQuant
 from bsq.quant.convert import bit_layers
 from bsq.quant.layers import BitConv2d, BitLayer, BitLinear
 
-__all__ = ["layer_table", "summary", "layer_macs", "bitops_g", "size_mb", "model_bitops_g", "FLOAT_BITS"]
+__all__ = [
+    "layer_table",
+    "summary",
+    "projected_bits",
+    "layer_macs",
+    "bitops_g",
+    "size_mb",
+    "model_bitops_g",
+    "FLOAT_BITS",
+]
 
 FLOAT_BITS = 32
 
@@ -63,6 +72,34 @@ def summary(model: nn.Module) -> dict[str, float]:
         "full_size_mb": (tb + int((uncounted_q["params"] * uncounted_q["bits"]).sum()) + FLOAT_BITS * uncounted_float)
         / 8e6,
     }
+
+
+@torch.no_grad()
+def projected_bits(model: nn.Module, maxbit: int = 8) -> dict[str, float]:
+    """What a re-quantization now would give (spec §3.1-3.2, threshold 0), without touching the model.
+
+    The search's relaxed bits are only meaningful after rounding, so this is how its per-epoch progress is
+    logged: `bits/<tensor>` (0 for all-zero), `proj_avg_bits`, `proj_compression`, and `bit_sparsity`, the share of
+    zero bits among the P x N bit positions of the counted tensors at their current precision.
+    """
+    out: dict[str, float] = {}
+    params = bits_total = set_bits = positions = 0
+    for name, layer in bit_layers(model):
+        for what in layer.quantized_tensors():
+            planes = B.requantize(layer.planes(what), maxbit)
+            nonzero = (planes.pos - planes.neg) != 0
+            bits = B.prune(planes, 0.0).nbits if bool(nonzero.any()) else 0
+            out[f"bits/{name if what == 'weight' else name + '.bias'}"] = bits
+            if layer.counted:
+                count = layer.num_params(what)
+                params += count
+                bits_total += count * bits
+                set_bits += int(nonzero.sum())
+                positions += count * planes.nbits
+    out["proj_avg_bits"] = bits_total / params if params else float("nan")
+    out["proj_compression"] = FLOAT_BITS * params / bits_total if bits_total else float("inf")
+    out["bit_sparsity"] = 1.0 - set_bits / positions if positions else float("nan")
+    return out
 
 
 def _is_quantized_param(model: nn.Module, param_name: str) -> bool:

@@ -1,0 +1,343 @@
+"""The one training loop every stage shares: devices, DDP, SGD with an epoch schedule, train/evaluate returning
+metric dicts, non-finite-loss guard, and `Trainer`, which runs epochs with stage hooks and resumes exactly.
+
+Stages plug their algorithm in through hooks: the BSQ search adds the regulariser gradient after `backward`,
+projects the planes after each step and re-quantizes at the start of some epochs; finetuning clamps the latent
+weights. Everything else (schedule, evaluation, best-epoch tracking, resume files, MLflow metrics) lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bsq.config import OptimConfig
+from bsq.errors import BSQError
+
+__all__ = [
+    "resolve_device",
+    "Distributed",
+    "epoch_seed",
+    "make_optimizer",
+    "set_lr",
+    "train_one_epoch",
+    "evaluate",
+    "NonFiniteLoss",
+    "Hooks",
+    "Trainer",
+]
+
+log = logging.getLogger("bsq")
+CHECK_EVERY = 50  # steps between non-finite-loss checks: each check is one device sync
+
+
+class NonFiniteLoss(BSQError):
+    """Training diverged; raised so the stage fails (and its MLflow run is marked FAILED) instead of going on."""
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """ "auto" picks CUDA when available; asking for CUDA on a machine without it is a clear error."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BSQError(f"device {spec!r} requested but CUDA is not available here; set device: cpu (or auto)")
+    return device
+
+
+@dataclass
+class Distributed:
+    """Process group for multi-GPU training under `torchrun` (WORLD_SIZE > 1); a single process otherwise.
+
+    Every rank trains on its shard and evaluates the whole test set; only rank 0 writes files and logs to MLflow.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @classmethod
+    def from_env(cls, device_spec: str = "auto") -> Distributed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls(0, 1, resolve_device(device_spec))
+        import torch.distributed as dist
+
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = device_spec != "cpu" and torch.cuda.is_available()
+        device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """DDP wrapper for the forward/backward; re-wrap after re-quantization (parameters are replaced)."""
+        if self.world_size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of everything random in one epoch: a pure function of (seed, epoch), which is what makes a resumed run
+    identical to an uninterrupted one."""
+    return (seed * 1_000_003 + epoch * 7919) % (2**31 - 1)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def make_optimizer(model: nn.Module, optim: OptimConfig, lr: float | None = None) -> torch.optim.SGD:
+    """SGD over all parameters with one weight decay, as the official scripts (bits and scales included, P18)."""
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=optim.lr if lr is None else lr,
+        momentum=optim.momentum,
+        weight_decay=optim.weight_decay,
+        nesterov=optim.nesterov,
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _bar(iterable: Iterable, total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
+
+
+def _check_finite(loss_sum: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(loss_sum):
+        raise NonFiniteLoss(
+            f"the training loss became {loss_sum.item()} ({where}). Training diverged: lower optim.lr (or bsq.alpha "
+            "for the search) and re-run; the last completed epoch's resume file is kept."
+        )
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    *,
+    after_backward: Callable[[], torch.Tensor | None] | None = None,
+    after_step: Callable[[], None] | None = None,
+    progress: bool = False,
+    desc: str = "train",
+) -> dict[str, float]:
+    """One pass over `loader`: mean cross-entropy, top-1 and, when `after_backward` returns one, the mean of the
+    value it returns (the search's R/TP). Metrics are accumulated on the device: one sync per CHECK_EVERY steps."""
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    extra_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = steps = 0
+    has_extra = False
+    non_blocking = device.type == "cuda"
+    for images, labels in _bar(loader, len(loader), desc, progress):
+        images = images.to(device, non_blocking=non_blocking)
+        labels = labels.to(device, non_blocking=non_blocking)
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if after_backward is not None:
+            value = after_backward()
+            if value is not None:
+                extra_sum += value.detach()
+                has_extra = True
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        loss_sum += loss.detach() * labels.numel()
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += labels.numel()
+        steps += 1
+        if steps % CHECK_EVERY == 0:
+            _check_finite(loss_sum, f"{desc}, step {steps}")
+    if seen == 0:
+        raise BSQError("the training loader yielded no batches: the training (sub)set is empty for this rank")
+    _check_finite(loss_sum, f"{desc}, end of epoch")
+    out = {"loss": loss_sum.item() / seen, "top1": 100.0 * correct.item() / seen}
+    if has_extra:
+        out["penalty"] = extra_sum.item() / steps
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, progress: bool = False) -> dict[str, float]:
+    """Mean loss, top-1 and top-5 (percent) over the whole loader, in eval mode."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    top1 = torch.zeros((), device=device, dtype=torch.long)
+    top5 = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for images, labels in _bar(loader, len(loader), "eval", progress):
+        images, labels = images.to(device), labels.to(device)
+        logits = model(images)
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+        k = min(5, logits.shape[1])
+        hits = logits.topk(k, dim=1).indices == labels[:, None]
+        top1 += hits[:, 0].sum()
+        top5 += hits.any(dim=1).sum()
+        seen += labels.numel()
+    if seen == 0:
+        raise BSQError("the test loader yielded no batches")
+    return {"loss": loss_sum.item() / seen, "top1": 100.0 * top1.item() / seen, "top5": 100.0 * top5.item() / seen}
+
+
+@dataclass
+class Hooks:
+    """Stage-specific steps of the loop. `on_epoch_start(epoch)` returns (metrics, reset_optimizer): the search
+    re-quantizes there and asks for a fresh optimizer (shapes change; the official code resets it, spec P9)."""
+
+    after_backward: Callable[[nn.Module], torch.Tensor | None] | None = None
+    after_step: Callable[[nn.Module], None] | None = None
+    on_epoch_start: Callable[[int, nn.Module], tuple[dict[str, float], bool]] | None = None
+    epoch_metrics: Callable[[nn.Module], dict[str, float]] | None = None
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    history: list[dict[str, float]]
+    best: dict[str, float]  # the row of the best test-top-1 epoch (bearpaw-style selection on the test set, P14)
+    best_state: dict[str, torch.Tensor] | None  # state_dict of that epoch when keep_best
+
+
+class Trainer:
+    """Runs epochs [start, epochs) with the stage's hooks; after each epoch it logs metrics and writes an atomic
+    resume file through `save_resume(payload_extra)`, so an interrupted job continues where it stopped."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_loader,
+        test_loader,
+        optim: OptimConfig,
+        *,
+        seed: int,
+        dist: Distributed,
+        hooks: Hooks | None = None,
+        log_metrics: Callable[[dict[str, float], int], None] | None = None,
+        save_resume: Callable[[nn.Module, dict[str, Any]], None] | None = None,
+        keep_best: bool = False,
+        progress: bool = False,
+        resume: dict[str, Any] | None = None,
+    ) -> None:
+        self.model = model
+        self.train_loader, self.test_loader = train_loader, test_loader
+        self.optim, self.seed, self.dist = optim, seed, dist
+        self.hooks = hooks or Hooks()
+        self.log_metrics = log_metrics or (lambda metrics, step: None)
+        self.save_resume = save_resume
+        self.keep_best, self.progress = keep_best, progress
+        self.optimizer = make_optimizer(model, optim)
+        self.start_epoch = 0
+        self.history: list[dict[str, float]] = []
+        self.best: dict[str, float] = {}
+        self.best_state: dict[str, torch.Tensor] | None = None
+        if resume is not None:
+            self._restore(resume)
+
+    def _restore(self, resume: dict[str, Any]) -> None:
+        state = resume["trainer"]
+        if "optimizer" in resume:
+            self.optimizer.load_state_dict(resume["optimizer"])
+        self.start_epoch = int(resume["epoch"])
+        self.history = list(state["history"])
+        self.best = dict(state["best"])
+        self.best_state = state.get("best_state")
+        rng = state.get("rng")
+        if rng:  # the epoch seeds make this redundant for the data; kept for any other consumer of the RNG
+            torch.set_rng_state(rng["torch"])
+            random.setstate(tuple(rng["python"][:1]) + (tuple(rng["python"][1]),) + tuple(rng["python"][2:]))
+        log.info("resuming at epoch %d of %d", self.start_epoch, self.optim.epochs)
+
+    def _resume_payload(self, epoch: int) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "trainer": {
+                "history": self.history,
+                "best": self.best,
+                "best_state": self.best_state,
+                "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate())},
+            },
+        }
+
+    def fit(self) -> FitResult:
+        model, hooks = self.model, self.hooks
+        wrapped = self.dist.wrap(model)
+        for epoch in range(self.start_epoch, self.optim.epochs):
+            seed_all(epoch_seed(self.seed, epoch))
+            lr = self.optim.lr_at(epoch)
+            row: dict[str, float] = {"epoch": epoch, "lr": lr}
+            if hooks.on_epoch_start is not None:
+                metrics, reset = hooks.on_epoch_start(epoch, model)
+                row.update(metrics)
+                if reset:
+                    self.optimizer = make_optimizer(model, self.optim, lr)
+                    wrapped = self.dist.wrap(model)
+            set_lr(self.optimizer, lr)
+            self.train_loader.set_epoch(epoch)
+            train = train_one_epoch(
+                wrapped,
+                self.train_loader,
+                self.optimizer,
+                self.dist.device,
+                after_backward=(lambda: hooks.after_backward(model)) if hooks.after_backward else None,
+                after_step=(lambda: hooks.after_step(model)) if hooks.after_step else None,
+                progress=self.progress,
+                desc=f"epoch {epoch + 1}/{self.optim.epochs}",
+            )
+            test = evaluate(model, self.test_loader, self.dist.device, self.progress)
+            row.update({f"train_{k}": v for k, v in train.items()})
+            row.update({f"test_{k}": v for k, v in test.items()})
+            if hooks.epoch_metrics is not None:
+                row.update(hooks.epoch_metrics(model))
+            if not self.best or test["top1"] > self.best["test_top1"]:
+                self.best = dict(row)
+                if self.keep_best:
+                    self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            self.history.append(row)
+            print(_format_row(row), file=sys.stderr, flush=True)
+            if self.dist.is_main:
+                self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
+                if self.save_resume is not None:
+                    self.save_resume(model, self._resume_payload(epoch + 1))
+        return FitResult(model, self.history, self.best, self.best_state)
+
+
+def _format_row(row: dict[str, float]) -> str:
+    keys = ("epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "penalty", "avg_bits")
+    parts = [f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in keys if k in row]
+    return " ".join(parts)
