@@ -1,0 +1,260 @@
+"""MLflow tracking for stage jobs: one run per job, flattened config params, lineage tags, safe parallel writers.
+
+Why a file lock: several Snakemake jobs log to one local SQLite store at once. Creating a fresh SQLite store from
+two processes corrupts it for good (an upstream race), and concurrent writers can fail with "database is locked".
+So for `sqlite:` URIs every operation that touches the store (creation, migration, experiment get-or-create and
+each write) holds an exclusive `flock` on `<db>.lock`; writes are few (per epoch), so the cost is negligible.
+`flock` is not reliable on NFS/Lustre: on a cluster, point `tracking.uri` / MLFLOW_TRACKING_URI at an
+`mlflow server` (writes then go over HTTP and take no lock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from bsq.errors import BSQError
+
+__all__ = ["default_tracking_uri", "flatten_params", "config_hash", "git_commit", "Tracker"]
+
+MAX_PARAM_LENGTH = 6000  # MLflow 3's limit on a param value
+_METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. /]")
+RETRIES = 6
+
+
+def default_tracking_uri(results_dir: str | Path = "results") -> str:
+    """MLFLOW_TRACKING_URI when set, else a local SQLite store under `<results_dir>/mlflow/` (no server needed)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{(Path(results_dir) / 'mlflow' / 'mlflow.db').resolve()}"
+
+
+def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"optim": {"lr": 0.1}} -> {"optim.lr": "0.1"}; lists as JSON, None as "None", long values truncated."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten_params(value, f"{name}."))
+            continue
+        if isinstance(value, (list, tuple, Mapping)):
+            text = json.dumps(value, default=str)
+        else:
+            text = str(value)
+        out[name] = text[:MAX_PARAM_LENGTH]
+    return out
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """12 hex chars identifying a config's content (key order does not matter)."""
+    canonical = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def git_commit(path: str | Path | None = None) -> str | None:
+    """HEAD of the git checkout holding `path` (default: this package), or None outside a checkout."""
+    where = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:"):
+        return None
+    path = uri.split(":///", 1)[1] if ":///" in uri else ""
+    if not path or path == ":memory:":
+        raise BSQError(f"tracking URI {uri!r}: use sqlite:////absolute/path/mlflow.db for a local store")
+    return Path(path)
+
+
+def _is_locked_error(exc: BaseException) -> bool:
+    return "database is locked" in str(exc) or "database table is locked" in str(exc)
+
+
+class Tracker:
+    """One MLflow run for one stage job; a context manager that ends the run FINISHED, FAILED on an exception or
+    KILLED on KeyboardInterrupt (the exception propagates). `enabled=False` makes every method a no-op."""
+
+    def __init__(
+        self,
+        experiment: str,
+        run_name: str,
+        *,
+        uri: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        params: Mapping[str, Any] | None = None,
+        parent_run_id: str | None = None,
+        resume_run_id: str | None = None,
+        enabled: bool = True,
+    ) -> None:
+        self.enabled = enabled
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self.uri = uri or default_tracking_uri()
+        self._finished = False
+        if not enabled:
+            return
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        self._db = _sqlite_path(self.uri)
+        if self._db is not None:
+            try:
+                self._db.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise self._uri_error(exc) from exc
+        try:
+            from mlflow import MlflowClient
+
+            with self._locked():
+                self.client = MlflowClient(tracking_uri=self.uri)
+                self.experiment_id = self._experiment(experiment)
+        except BSQError:
+            raise
+        except Exception as exc:  # mlflow raises many types for a bad store
+            raise self._uri_error(exc) from exc
+        commit = git_commit()
+        all_tags = {**(tags or {})}
+        if commit:
+            all_tags.setdefault("bsq.git_commit", commit)
+            all_tags.setdefault("mlflow.source.git.commit", commit)
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        if resume_run_id:
+            self._reopen(resume_run_id)
+        else:
+            run = self._write(self.client.create_run, self.experiment_id, run_name=run_name, tags=all_tags)
+            self.run_id = run.info.run_id
+        self.set_tags(all_tags)
+        if params:
+            self._log_params(flatten_params(params))
+
+    # ---- store access ----------------------------------------------------------------------------------------
+    def _uri_error(self, exc: BaseException) -> BSQError:
+        return BSQError(
+            f"cannot open the MLflow store {self.uri!r}: {exc}. Set tracking.uri (or MLFLOW_TRACKING_URI) to a "
+            "writable sqlite:////abs/path/mlflow.db or an http(s) server, or set tracking.enabled: false."
+        )
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        if self._db is None:
+            yield
+            return
+        with open(f"{self._db}.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _write(self, fn, *args, **kwargs):
+        """Call `fn` under the lock, retrying the transient "database is locked" of SQLite."""
+        for attempt in range(RETRIES):
+            try:
+                with self._locked():
+                    return fn(*args, **kwargs)
+            except Exception as exc:
+                if attempt == RETRIES - 1 or not _is_locked_error(exc):
+                    raise
+                time.sleep(0.1 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                raise BSQError(
+                    f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore) or set "
+                    "tracking.experiment to another name"
+                )
+            return found.experiment_id
+        location = None
+        if self._db is not None:
+            location = (self._db.parent / "artifacts" / name).resolve().as_uri()
+        return self.client.create_experiment(name, artifact_location=location, tags={"project": "bsq-repro"})
+
+    def _reopen(self, run_id: str) -> None:
+        try:
+            run = self.client.get_run(run_id)
+        except Exception as exc:
+            raise BSQError(
+                f"cannot resume MLflow run {run_id}: {exc}. Delete the stage's .resume.pt file to start over"
+            ) from exc
+        self.run_id = run.info.run_id
+        self._write(self.client.update_run, run_id, status="RUNNING")
+
+    def _log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        for key, value in params.items():
+            if key in existing and existing[key] != value:
+                raise BSQError(
+                    f"MLflow run {self.run_id} already has param {key}={existing[key]!r}, not {value!r}: a resumed "
+                    "run must use the same config (delete the stage's .resume.pt file to start over)"
+                )
+        new = [Param(k, v) for k, v in params.items() if k not in existing]
+        for start in range(0, len(new), 100):
+            self._write(self.client.log_batch, self.run_id, params=new[start : start + 100])
+
+    # ---- public API ------------------------------------------------------------------------------------------
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if not self.enabled or not metrics:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(_METRIC_NAME.sub("_", key), float(value), now, step or 0)
+            for key, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        ]
+        for start in range(0, len(batch), 1000):
+            self._write(self.client.log_batch, self.run_id, metrics=batch[start : start + 1000])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if not self.enabled or not tags:
+            return
+        from mlflow.entities import RunTag
+
+        self._write(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self._write(self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        if self.enabled:
+            self._write(self.client.log_dict, self.run_id, dict(data), artifact_file)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if not self.enabled or self._finished:
+            return
+        self._finished = True
+        self._write(self.client.set_terminated, self.run_id, status)
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.finish("FINISHED")
+        else:
+            with contextlib.suppress(Exception):  # never hide the original error behind a tracking one
+                self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+        return False
