@@ -2,15 +2,25 @@
 
 bsq models                                        # the registry
 bsq inspect --arch resnet20 --nbits 8 --out-dir results/models/resnet20
-bsq inspect --arch resnet20 --checkpoint model_best.pth.tar --out-dir out/   # an official checkpoint
+bsq pretrain --config stage.yaml --out-dir runs/pretrain                      # or --import-checkpoint PATH
+bsq search   --config stage.yaml --checkpoint runs/pretrain/model.pt --alpha 5e-3 --out-dir runs/a5e-3/search
+bsq prune    --config stage.yaml --checkpoint runs/a5e-3/search/model.pt --out-dir runs/a5e-3/prune
+bsq finetune --config stage.yaml --checkpoint runs/a5e-3/prune/model.pt --out-dir runs/a5e-3/finetune
+bsq evaluate --checkpoint model_best.pth.tar --arch resnet20 --data cifar10 --data-root DIR \
+             --weight-bits 8 --act-bits 4 --out-dir runs/official             # an official checkpoint
+
+Stage options: `--config FILE` (YAML/JSON stage config, see bsq.config), `--set key.sub=value` (YAML value),
+shortcuts for common keys, `--input name=PATH`, and `--out-dir DIR` or `--output name=PATH` for every output.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from bsq.errors import BSQError
 
@@ -53,6 +63,115 @@ def _models(args: argparse.Namespace) -> None:
     print("\n".join(list_models()))
 
 
+STAGES = ("pretrain", "search", "prune", "finetune", "evaluate")
+# shortcut flag -> dotted config key
+SHORTCUTS = {
+    "arch": "model.arch",
+    "act_bits": "model.act_bits",
+    "data": "data.name",
+    "data_root": "data.root",
+    "epochs": "optim.epochs",
+    "lr": "optim.lr",
+    "alpha": "bsq.alpha",
+    "seed": "seed",
+    "device": "device",
+    "tracking_uri": "tracking.uri",
+    "experiment": "tracking.experiment",
+}
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BSQError(f"{flag} expects NAME=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise BSQError(f"--set {dotted}: {key} is not a section")
+    node[leaf] = value
+
+
+def stage_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The stage config: --config file, then --set overrides, then shortcut flags (last wins)."""
+    import yaml
+
+    config: dict[str, Any] = {}
+    if args.config:
+        path = Path(args.config)
+        try:
+            config = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise BSQError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(config, dict):
+            raise BSQError(f"{path} must hold a mapping of config keys")
+    for key, text in _pairs(args.set, "--set").items():
+        _set_dotted(config, key, yaml.safe_load(text) if text else None)
+    for flag, dotted in SHORTCUTS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            _set_dotted(config, dotted, None if value == "none" else value)
+    if getattr(args, "no_tracking", False):
+        _set_dotted(config, "tracking.enabled", False)
+    return config
+
+
+def _run_stage(args: argparse.Namespace) -> None:
+    from bsq.stages import STAGE_MODULES, default_outputs
+
+    config = stage_config_from_args(args)
+    inputs = _pairs(args.input, "--input")
+    if args.checkpoint:
+        inputs["checkpoint"] = args.checkpoint
+    if getattr(args, "import_checkpoint", None):
+        inputs["import_checkpoint"] = args.import_checkpoint
+    if getattr(args, "scheme", None):
+        inputs["scheme"] = args.scheme
+    outputs: dict[str, Any] = dict(default_outputs(args.command, args.out_dir)) if args.out_dir else {}
+    outputs.update(_pairs(args.output, "--output"))
+    extra = {"weight_bits": args.weight_bits} if args.command == "evaluate" else {}
+    metrics = STAGE_MODULES[args.command].run(config, inputs, outputs, **extra)
+    print(json.dumps(metrics, default=str))
+
+
+def _add_stage(sub, stage: str, help_text: str) -> None:
+    p = sub.add_parser(stage, help=help_text)
+    p.add_argument("--config", help="YAML/JSON stage config (keys: see bsq.config.StageConfig)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=0.05")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=PATH", help="stage input by name")
+    p.add_argument("--output", action="append", default=[], metavar="NAME=PATH", help="stage output by name")
+    p.add_argument("--out-dir", help="write every output under DIR with its standard file name")
+    p.add_argument("--checkpoint", help="the input checkpoint (same as --input checkpoint=PATH)")
+    p.add_argument("--arch", help="model.arch")
+    p.add_argument("--act-bits", type=lambda v: None if v == "none" else int(v), help="model.act_bits (none = ReLU)")
+    p.add_argument("--data", help="data.name (digits, cifar10, imagenet)")
+    p.add_argument("--data-root", help="data.root")
+    p.add_argument("--epochs", type=int, help="optim.epochs")
+    p.add_argument("--lr", type=float, help="optim.lr")
+    p.add_argument("--seed", type=int, help="seed")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: local SQLite under results/mlflow)")
+    p.add_argument("--experiment", help="MLflow experiment name")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    if stage == "search":
+        p.add_argument("--alpha", help="bsq.alpha, the regularisation strength (e.g. 5e-3)")
+    if stage == "pretrain":
+        p.add_argument("--import-checkpoint", help="start from this float checkpoint (ours or the authors')")
+    if stage == "finetune":
+        p.add_argument("--scheme", help="scheme.json: finetune a float checkpoint at these precisions (scratch)")
+    if stage == "evaluate":
+        p.add_argument("--weight-bits", type=int, help="quantize an official float checkpoint to N bits first")
+    p.set_defaults(func=_run_stage)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bsq", description="BSQ reproduction suite")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,16 +185,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize-shortcuts", action="store_true", help="paper-era policy (spec P4)")
     p.add_argument("--out-dir", required=True, help="writes layers.csv and summary.json here")
     p.set_defaults(func=_inspect)
+    _add_stage(sub, "pretrain", "train (or import) the full-precision model")
+    _add_stage(sub, "search", "BSQ search for one alpha: bit planes + group Lasso + periodic re-quantization")
+    _add_stage(sub, "prune", "final re-quantization: scheme.json and the pruned bit model")
+    _add_stage(sub, "finetune", "train with the scheme fixed; best model in bit and float form")
+    _add_stage(sub, "evaluate", "top-1/top-5, bits, compression, size, BitOPs of any checkpoint")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
         args.func(args)
     except BSQError as exc:
         print(f"bsq: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("bsq: interrupted; run the same command again to resume from the last completed epoch", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,0 +1,89 @@
+"""Full-precision pretraining (spec §8.1: SGD 0.9, wd 1e-4, 350 epochs, x0.1 at 150/250/325), or the import of an
+existing float checkpoint (ours, or the authors' `model_best.pth.tar`) with optional further training.
+
+The saved model is the best test-accuracy epoch, as the authors' `model_best.pth.tar` (spec P14); metrics.json
+records both the best and the final epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from bsq.checkpoint import build_model, load_checkpoint, load_model
+from bsq.engine import Trainer, evaluate
+from bsq.errors import BSQError
+from bsq.stages.common import Session
+
+INPUTS = ("import_checkpoint",)
+
+
+def _import(session: Session, path) -> Any:
+    """A bsq-repro float checkpoint, or an official float checkpoint of the same architecture."""
+    from bsq.official import load_official_state, read_official_checkpoint
+
+    try:
+        ckpt = load_checkpoint(path)
+    except BSQError as ours:
+        official = read_official_checkpoint(path)  # raises its own clear error for unreadable files
+        if official.get("Nbit_dict"):
+            raise BSQError(f"{path} is a bit-form checkpoint; pretrain imports float checkpoints only") from ours
+        model = build_model(session.model_args, "float", None, {})
+        return load_official_state(model, official)
+    if ckpt["form"] != "float":
+        raise BSQError(f"{path} is a {ckpt['form']}-form checkpoint; pretrain imports float checkpoints only")
+    session.check_parent(ckpt, "import_checkpoint")
+    return load_model(ckpt, session.activation_overrides(), path)
+
+
+def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outputs: Mapping[str, Any]) -> dict:
+    s = Session("pretrain", config, inputs, outputs, optional_inputs=INPUTS)
+    cfg = s.cfg
+    s.model_args = s.fresh_model_args()
+    loaders = s.loaders()
+    imported = s.inputs.get("import_checkpoint")
+    if cfg.optim.epochs == 0 and not imported:
+        raise BSQError("pretrain with optim.epochs = 0 trains nothing: give a checkpoint to import or epochs > 0")
+    with s.open_run(None) as tracker:
+        if imported:
+            tracker.set_tags({"bsq.imported_from": str(imported)})
+        if s.resume:
+            model = load_model(s.resume, path=s.resume_path)
+        elif imported:
+            model = _import(s, imported)
+        else:
+            model = build_model(s.model_args, "float", None, {})
+        model.to(s.device)
+        if imported and not s.resume:
+            start = evaluate(model, loaders.test, s.device, s.progress)
+            s.start_metrics.update({f"imported_{k}": v for k, v in start.items()})
+            tracker.log_metrics(s.start_metrics, step=0)
+        metrics: dict[str, Any] = dict(s.start_metrics)
+        trainer = Trainer(
+            model,
+            loaders.train,
+            loaders.test,
+            cfg.optim,
+            seed=cfg.seed,
+            dist=s.dist,
+            log_metrics=tracker.log_metrics,
+            save_resume=s.save_resume,
+            keep_best=True,
+            progress=s.progress,
+            resume=s.resume,
+        )
+        result = trainer.fit()
+        if result.history:
+            last = result.history[-1]
+            model.load_state_dict(result.best_state)
+            metrics.update(
+                top1=result.best["test_top1"],
+                top5=result.best["test_top5"],
+                best_epoch=int(result.best["epoch"]),
+                final_top1=last["test_top1"],
+                selection="best test top-1 epoch (as the authors' model_best)",
+            )
+        else:
+            metrics.update(top1=metrics["imported_top1"], top5=metrics["imported_top5"], selection="imported")
+        s.save_model("checkpoint", model, metrics, epoch=cfg.optim.epochs)
+        return s.finish(metrics, result.history)

@@ -1,0 +1,107 @@
+"""BSQ search (spec §2-3, §8.1): the float model converted to N-bit planes is trained with CE + alpha R/TP; every
+`requant_interval` epochs (from epoch 0) the planes are re-quantized and sparse MSB/LSB planes dropped, and the
+optimizer is rebuilt (spec §3.0, P9). Each epoch logs what a re-quantization would give (`bits/<layer>`,
+bit sparsity). The output is the final epoch's relaxed planes: the prune stage does the last re-quantization
+(spec §3.3, P13).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from bsq.checkpoint import load_model
+from bsq.engine import Hooks, Trainer, evaluate
+from bsq.errors import BSQError
+from bsq.metrics import projected_bits, summary
+from bsq.quant.convert import bit_layers, clamp_bits_, quantize_model, requantize_model, set_form_
+from bsq.regularizers import add_penalty_grad_, bit_penalty
+from bsq.stages.common import Session
+
+
+def _bit_model(s: Session, parent: dict[str, Any]) -> nn.Module:
+    """The float parent converted to `quant.nbits` planes (or a bit-form parent as is), then `pruning(0)` as the
+    official script does once after loading (spec §3.0)."""
+    model = load_model(parent, s.activation_overrides(), s.inputs["checkpoint"])
+    if parent["form"] == "float":
+        quantize_model(model, s.cfg.quant.policy())
+    set_form_(model, "bits")
+    for _, layer in bit_layers(model):
+        layer.prune_(0.0)
+    return model
+
+
+def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outputs: Mapping[str, Any]) -> dict:
+    s = Session("search", config, inputs, outputs, required_inputs=("checkpoint",))
+    cfg, b = s.cfg, s.cfg.bsq
+    if cfg.optim.epochs < 1:
+        raise BSQError("search needs optim.epochs >= 1")
+    parent = s.read_parent("checkpoint", forms=("float", "bits"))
+    s.model_args = {**parent["model"], **s.activation_overrides()}
+    s.policy = parent.get("policy") or {
+        "quantize_first": cfg.quant.quantize_first,
+        "quantize_last": cfg.quant.quantize_last,
+        "quantize_shortcuts": cfg.quant.quantize_shortcuts,
+    }
+    loaders = s.loaders()
+    with s.open_run(parent, alpha=b.alpha) as tracker:
+        model = load_model(s.resume, path=s.resume_path) if s.resume else _bit_model(s, parent)
+        model.to(s.device)
+        if not s.resume:
+            start = evaluate(model, loaders.test, s.device, s.progress)
+            s.start_metrics.update(initial_top1=start["top1"], initial_penalty=bit_penalty(model).item())
+            tracker.log_metrics(s.start_metrics, step=0)
+
+        def requantize(epoch: int, m: nn.Module) -> tuple[dict[str, float], bool]:
+            if epoch % b.requant_interval:
+                return {}, False
+            before = trainer.history[-1]["test_top1"] if trainer.history else s.start_metrics["initial_top1"]
+            requantize_model(m, cfg.quant.maxbit, b.threshold)
+            after = evaluate(m, loaders.test, s.device, s.progress)["top1"]
+            return {"requant_top1_before": before, "requant_top1_after": after}, True
+
+        def epoch_metrics(m: nn.Module) -> dict[str, float]:
+            current = summary(m)
+            return {
+                "avg_bits": current["avg_bits"],
+                "compression": current["compression"],
+                **projected_bits(m, cfg.quant.maxbit),
+            }
+
+        hooks = Hooks(
+            after_backward=lambda m: add_penalty_grad_(m, b.value, b.penalty, b.reweight),
+            after_step=clamp_bits_,
+            on_epoch_start=requantize,
+            epoch_metrics=epoch_metrics,
+        )
+        trainer = Trainer(
+            model,
+            loaders.train,
+            loaders.test,
+            cfg.optim,
+            seed=cfg.seed,
+            dist=s.dist,
+            hooks=hooks,
+            log_metrics=tracker.log_metrics,
+            save_resume=s.save_resume,
+            progress=s.progress,
+            resume=s.resume,
+        )
+        result = trainer.fit()
+        last = result.history[-1] if result.history else {}
+        metrics = {
+            **s.start_metrics,
+            "alpha": b.value,
+            "final_top1": last.get("test_top1"),
+            "best_top1": result.best.get("test_top1"),
+            "best_epoch": result.best.get("epoch"),
+            "final_penalty": last.get("train_penalty"),
+            "final_proj_avg_bits": last.get("proj_avg_bits"),
+            "final_proj_compression": last.get("proj_compression"),
+            "final_bit_sparsity": last.get("bit_sparsity"),
+            "epochs": cfg.optim.epochs,
+        }
+        s.save_model("checkpoint", model, metrics, epoch=cfg.optim.epochs)
+        return s.finish(metrics, result.history)
