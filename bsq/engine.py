@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -309,6 +310,7 @@ class Trainer:
                     wrapped = self.dist.wrap(model)
             set_lr(self.optimizer, lr)
             self.train_loader.set_epoch(epoch)
+            started = time.perf_counter()
             train = train_one_epoch(
                 wrapped,
                 self.train_loader,
@@ -319,7 +321,11 @@ class Trainer:
                 progress=self.progress,
                 desc=f"epoch {epoch + 1}/{self.optim.epochs}",
             )
+            trained = time.perf_counter()
             test = evaluate(model, self.test_loader, self.dist.device, self.progress)
+            # Wall-clock figures for users' planning; excluded from determinism checks.
+            row["train_seconds"] = trained - started
+            row["eval_seconds"] = time.perf_counter() - trained
             row.update({f"train_{k}": v for k, v in train.items()})
             row.update({f"test_{k}": v for k, v in test.items()})
             if hooks.epoch_metrics is not None:
@@ -338,6 +344,6 @@ class Trainer:
 
 
 def _format_row(row: dict[str, float]) -> str:
-    keys = ("epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "penalty", "avg_bits")
+    keys = ("epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "penalty", "avg_bits", "train_seconds")
     parts = [f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in keys if k in row]
     return " ".join(parts)
