@@ -105,7 +105,11 @@ def stage_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     import yaml
 
     config: dict[str, Any] = {}
-    if args.config:
+    if args.config_json:
+        config = json.loads(args.config_json)
+        if not isinstance(config, dict):
+            raise BSQError("--config-json must be a JSON object of config keys")
+    elif args.config:
         path = Path(args.config)
         try:
             config = yaml.safe_load(path.read_text()) or {}
@@ -124,6 +128,27 @@ def stage_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return config
 
 
+def adopt_checkpoint_settings(config: dict[str, Any], checkpoint: str | None) -> None:
+    """Model and dataset settings the user left out are taken from our upstream checkpoint, so that
+    `bsq prune --checkpoint search/model.pt` needs no repeated --arch/--data; explicit settings always win
+    (and a mismatch with the checkpoint is then reported by the stage)."""
+    if not checkpoint or not Path(checkpoint).is_file():
+        return  # the stage reports a missing input with its own message
+    from bsq.checkpoint import load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(checkpoint)
+    except BSQError:
+        return  # not one of ours (e.g. the authors' file): the stage explains what it needs
+    model, labels = ckpt.get("model", {}), ckpt.get("labels", {})
+    section = config.setdefault("model", {})
+    for key in ("arch", "width"):  # act_bits stay the config's: the search may quantize a float-activation model
+        if key not in section and key in model:
+            section[key] = model[key]
+    if "dataset" in labels and "name" not in config.setdefault("data", {}):
+        config["data"]["name"] = labels["dataset"]
+
+
 def _run_stage(args: argparse.Namespace) -> None:
     from bsq.stages import STAGE_MODULES, default_outputs
 
@@ -131,6 +156,8 @@ def _run_stage(args: argparse.Namespace) -> None:
     inputs = _pairs(args.input, "--input")
     if args.checkpoint:
         inputs["checkpoint"] = args.checkpoint
+    if args.command != "pretrain":
+        adopt_checkpoint_settings(config, inputs.get("checkpoint"))
     if getattr(args, "import_checkpoint", None):
         inputs["import_checkpoint"] = args.import_checkpoint
     if getattr(args, "scheme", None):
@@ -145,6 +172,7 @@ def _run_stage(args: argparse.Namespace) -> None:
 def _add_stage(sub, stage: str, help_text: str) -> None:
     p = sub.add_parser(stage, help=help_text)
     p.add_argument("--config", help="YAML/JSON stage config (keys: see bsq.config.StageConfig)")
+    p.add_argument("--config-json", help="the whole stage config as one JSON object (used by the workflow)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=0.05")
     p.add_argument("--input", action="append", default=[], metavar="NAME=PATH", help="stage input by name")
     p.add_argument("--output", action="append", default=[], metavar="NAME=PATH", help="stage output by name")

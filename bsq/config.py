@@ -220,6 +220,9 @@ class StageConfig:
 
     stage: str = "pretrain"
     method: str = "bsq"  # label of the method in tables and MLflow tags
+    # Extra labels carried to every downstream run and table row, e.g. {variant: scratch, alpha: 5e-3} for the
+    # train-from-scratch baseline, whose float parent knows no alpha.
+    labels: dict[str, str] = field(default_factory=dict)
     seed: int = 1
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     progress: bool | None = None  # tqdm bars; None = only when stderr is a terminal
@@ -233,6 +236,8 @@ class StageConfig:
     def __post_init__(self) -> None:
         _require(self.stage in STAGES, "stage", f"one of {', '.join(STAGES)}", self.stage)
         _require(isinstance(self.method, str) and self.method, "method", "a non-empty string", self.method)
+        _require(isinstance(self.labels, Mapping), "labels", "a mapping of strings", self.labels)
+        self.labels = {str(k): str(v) for k, v in self.labels.items()}
         _require(_is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
         ok = isinstance(self.device, str) and (
             self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())

@@ -32,7 +32,8 @@ def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys, tmp_path,
 
 
 def test_stage_subcommands_chain_through_the_cli(tmp_path, capsys):
-    """pretrain -> search -> prune via the CLI flags: --set, shortcuts, --out-dir, --checkpoint."""
+    """pretrain -> search -> prune via the CLI flags: --set, shortcuts, --out-dir, --checkpoint; later stages take
+    the model and dataset from their input checkpoint."""
     common = ["--data", "digits", "--device", "cpu", "--no-tracking", "--set", "data.train_subset=128"]
     common += ["--set", "model.width=4", "--set", "data.test_subset=64"]
     assert main(["pretrain", *common, "--arch", "resnet8", "--epochs", "1", "--out-dir", str(tmp_path / "p")]) == 0
@@ -40,10 +41,12 @@ def test_stage_subcommands_chain_through_the_cli(tmp_path, capsys):
     assert first["stage"] == "pretrain" and 0 <= first["top1"] <= 100
     search = ["search", *common, "--arch", "resnet8", "--epochs", "1", "--alpha", "5e-3"]
     assert main([*search, "--checkpoint", str(tmp_path / "p" / "model.pt"), "--out-dir", str(tmp_path / "s")]) == 0
-    assert (
-        main(["prune", *common, "--checkpoint", str(tmp_path / "s" / "model.pt"), "--out-dir", str(tmp_path / "q")])
-        == 0
-    )
+    # prune names no arch, width or dataset: they come from the search checkpoint; explicit ones must match it
+    searched = str(tmp_path / "s" / "model.pt")
+    assert main(["prune", "--arch", "resnet20", "--no-tracking", "--checkpoint", searched, "--out-dir", "x"]) == 2
+    assert "holds a resnet8 but model.arch is 'resnet20'" in capsys.readouterr().err
+    bare = ["--device", "cpu", "--no-tracking", "--set", "data.test_subset=64"]
+    assert main(["prune", *bare, "--checkpoint", searched, "--out-dir", str(tmp_path / "q")]) == 0
     scheme = json.loads((tmp_path / "q" / "scheme.json").read_text())
     assert set(scheme) >= {"conv1", "fc", "fc.bias"}
     run = json.loads((tmp_path / "q" / "run.json").read_text())

@@ -26,32 +26,13 @@ from bsq.config import StageConfig, config_to_dict, load_stage_config
 from bsq.data import DatasetInfo, Loaders, build_loaders, dataset_info
 from bsq.engine import Distributed
 from bsq.errors import BSQError
+from bsq.layout import OUTPUTS
 
 log = logging.getLogger("bsq")
 
-FILE_NAMES = {
-    "checkpoint": "model.pt",
-    "float_checkpoint": "model_float.pt",
-    "metrics": "metrics.json",
-    "history": "history.csv",
-    "scheme": "scheme.json",
-    "layers": "layers.csv",
-    "run": "run.json",
-}
-OUTPUTS = {
-    "pretrain": ("checkpoint", "metrics", "history", "run"),
-    "search": ("checkpoint", "metrics", "history", "run"),
-    "prune": ("checkpoint", "scheme", "layers", "metrics", "run"),
-    "finetune": ("checkpoint", "float_checkpoint", "metrics", "history", "run"),
-    "evaluate": ("metrics", "layers", "run"),
-}
 # Keys that do not change the result: excluded from the config hash (a resumed job may move device or store)
 # and logged as tags instead of params.
 VOLATILE = ("device", "progress", "tracking", "data.root", "data.workers", "data.pin_memory", "data.download")
-
-
-def default_outputs(stage: str, out_dir: str | Path) -> dict[str, Path]:
-    return {name: Path(out_dir) / FILE_NAMES[name] for name in OUTPUTS[stage]}
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -235,6 +216,7 @@ class Session:
             "arch": cfg.model.arch,
             "method": cfg.method,
             "seed": cfg.seed,
+            **cfg.labels,
             **{k: v for k, v in labels.items() if v is not None},
         }
         upstream = list((parent or {}).get("lineage", []))
@@ -250,7 +232,7 @@ class Session:
             "bsq.arch": cfg.model.arch,
             "bsq.seed": str(cfg.seed),
             "bsq.config_hash": self.config_hash,
-            **({"bsq.alpha": str(self.labels["alpha"])} if "alpha" in self.labels else {}),
+            **{f"bsq.{k}": str(v) for k, v in self.labels.items() if k not in ("dataset", "arch", "method", "seed")},
             **{f"bsq.{e['stage']}_run_id": e["run_id"] for e in upstream if e.get("run_id")},
             **{f"bsq.{k}": str(v) for k, v in self.volatile.items() if not k.startswith("tracking.")},
             **cfg.tracking.tags,

@@ -1,0 +1,30 @@
+"""File names of every stage's outputs: the one place the library, the CLI and the workflow agree on them.
+
+Torch-free on purpose: the Snakefile imports it to declare outputs without paying for `import torch`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+FILE_NAMES = {
+    "checkpoint": "model.pt",
+    "float_checkpoint": "model_float.pt",
+    "metrics": "metrics.json",
+    "history": "history.csv",
+    "scheme": "scheme.json",
+    "layers": "layers.csv",
+    "run": "run.json",
+}
+OUTPUTS = {
+    "pretrain": ("checkpoint", "metrics", "history", "run"),
+    "search": ("checkpoint", "metrics", "history", "run"),
+    "prune": ("checkpoint", "scheme", "layers", "metrics", "run"),
+    "finetune": ("checkpoint", "float_checkpoint", "metrics", "history", "run"),
+    "evaluate": ("metrics", "layers", "run"),
+}
+
+
+def default_outputs(stage: str, out_dir: str | Path) -> dict[str, Path]:
+    """`{output name: out_dir/standard file name}` for one stage."""
+    return {name: Path(out_dir) / FILE_NAMES[name] for name in OUTPUTS[stage]}
