@@ -114,6 +114,39 @@ def test_finetune_keeps_the_scheme_and_float_form_is_exact(pipeline):
         assert torch.equal(bits(x), float_model(x))
 
 
+def test_train_from_scratch_applies_the_scheme_exactly(pipeline, tmp_path):
+    """The Table 1 baseline: float model + scheme -> same precisions, 0-bit layers included, and the run says so."""
+    root, out = pipeline
+    scheme = json.loads(out[("prune", ALPHAS[0])]["scheme"].read_text())
+    scheme["layer1.0.conv1"] = 0  # a layer BSQ removed must stay removed, not come back at 1 bit
+    scheme_path = tmp_path / "scheme.json"
+    scheme_path.write_text(json.dumps(scheme))
+    cfg = tiny_config(root)
+    cfg = {**cfg, "optim": {"epochs": 1, "lr": 0.01}, "labels": {"variant": "scratch", "alpha": ALPHAS[0]}}
+    outputs = default_outputs("finetune", tmp_path / "scratch")
+    metrics = finetune.run(cfg, {"checkpoint": out["pretrain"]["checkpoint"], "scheme": scheme_path}, outputs)
+    from bsq.quant.convert import export_scheme
+
+    tuned = export_scheme(load_model(load_checkpoint(outputs["checkpoint"])))
+    assert tuned["layer1.0.conv1"] == 0
+    assert all(tuned[k] <= scheme[k] for k in scheme)
+    params = {k: v for k, v in _layer_params(outputs).items()}
+    expected = sum(params[k] * tuned[k] for k in params) / sum(params.values())
+    assert metrics["avg_bits"] == pytest.approx(expected)
+    assert metrics["labels"]["variant"] == "scratch" and metrics["labels"]["alpha"] == ALPHAS[0]
+
+
+def _layer_params(outputs) -> dict[str, int]:
+    from bsq.quant.convert import bit_layers
+
+    model = load_model(load_checkpoint(outputs["checkpoint"]))
+    counts = {}
+    for name, layer in bit_layers(model):
+        for what in layer.quantized_tensors():
+            counts[name if what == "weight" else f"{name}.{what}"] = layer.num_params(what)
+    return counts
+
+
 def test_evaluate_agrees_with_finetune(pipeline):
     _, out = pipeline
     for alpha in ALPHAS:

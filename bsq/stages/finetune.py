@@ -14,6 +14,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from torch import nn
+
 from bsq.checkpoint import load_model
 from bsq.engine import Hooks, Trainer, evaluate
 from bsq.errors import BSQError
@@ -30,6 +32,15 @@ def _read_scheme(path) -> dict[str, int]:
     if not isinstance(scheme, dict) or not all(isinstance(v, int) for v in scheme.values()):
         raise BSQError(f"{path} is not a scheme: expected {{layer: bits}} with integer bits")
     return scheme
+
+
+def _zero_pruned_layers(model: nn.Module, scheme: dict[str, int]) -> None:
+    """Layers the scheme gives 0 bits are all-zero, as BSQ left them; the latent form then keeps them at N = 0,
+    so the scratch baseline has exactly the scheme's size and BitOPs."""
+    for name, layer in bit_layers(model):
+        for what in layer.quantized_tensors():
+            if scheme.get(name if what == "weight" else f"{name}.{what}") == 0:
+                layer.set_precision_(1, what)  # all-zero 1-bit planes: to_latent_ turns them into N = 0
 
 
 def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outputs: Mapping[str, Any]) -> dict:
@@ -57,6 +68,7 @@ def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outp
         elif scheme is not None:
             model = load_model(parent, s.activation_overrides(), s.inputs["checkpoint"])
             quantize_model(model, cfg.quant.policy(), scheme={k: max(v, 1) for k, v in scheme.items()})
+            _zero_pruned_layers(model, scheme)
         else:
             model = load_model(parent, path=s.inputs["checkpoint"])
             for _, layer in bit_layers(model):
