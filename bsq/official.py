@@ -60,6 +60,9 @@ def load_official_state(model: nn.Module, ckpt: dict) -> nn.Module:
         if key.endswith(("scale", "biasscale")) and value.dim() == 1 and value.numel() == 1:
             state[key] = value.reshape(())
     expected = model.state_dict()
+    if not any(k.startswith("AuxLogits.") for k in expected):
+        # torchvision's Inception-V3 weights carry the training-only auxiliary head; our model has none.
+        state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)

@@ -76,3 +76,20 @@ def test_edited_state_dict_is_refused(tmp_path):
     payload["state_dict"].pop("conv1.scale")
     with pytest.raises(BSQError, match="missing \\['conv1.scale'\\]"):
         C.load_model(payload)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "inception_v3"])
+def test_torchvision_imagenet_weights_load_as_a_pretrained_start(arch):
+    """`pretrained:` may be torchvision's ImageNet state dict; Inception's training-only AuxLogits are dropped."""
+    import torchvision
+
+    from bsq.models import create_model
+    from bsq.official import load_official_state
+
+    reference = getattr(torchvision.models, arch)(
+        **({"init_weights": True, "aux_logits": True} if "incep" in arch else {})
+    )
+    ours = create_model(arch, num_classes=1000, act_bits=None)
+    load_official_state(ours, {"state_dict": reference.state_dict()})
+    key = "fc.weight"
+    assert torch.equal(ours.state_dict()[key], reference.state_dict()[key])
