@@ -7,7 +7,7 @@ BIN    := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: run test lint bench clean
+.PHONY: run report test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 
 run: $(VENV)/.installed  ## run the workflow on config/config.yaml
 	$(BIN)/snakemake --cores $(CORES)
+
+report: $(VENV)/.installed  ## HTML report of the finished default run (tables, plots, captions)
+	$(BIN)/snakemake --report results/report.html
 
 lint: $(VENV)/.installed  ## ruff + snakemake --lint
 	$(BIN)/ruff check .
@@ -28,5 +31,5 @@ test: lint  ## lint, then the test suite
 bench: $(VENV)/.installed  ## FP vs BSQ training-step time
 	$(BIN)/python benchmarks/step_time.py
 
-clean:
-	rm -rf .snakemake logs benchmarks/logs results/models
+clean:  ## remove workflow outputs of the default config (keeps committed results)
+	rm -rf .snakemake logs benchmarks/logs results/default results/mlflow results/tables/default* results/plots/default

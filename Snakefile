@@ -1,4 +1,7 @@
-# bsq-repro: entry point. Rules live in workflow/rules/*.smk; logic lives in the `bsq` library and CLI.
+# bsq-repro: pretrain -> BSQ search (per alpha x seed) -> prune -> finetune / train from scratch -> evaluate ->
+# aggregate. Rules live in workflow/rules/*.smk and call the `bsq` CLI; the algorithms live in the `bsq` library.
+# Run: `snakemake --cores N` (config/config.yaml), add `--configfile config/experiments/<name>.yaml` for a paper
+# recipe, or `--profile workflow/profiles/slurm` on a cluster.
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -8,6 +11,10 @@ configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/bsq.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/inspect.smk"
 
 

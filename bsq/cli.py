@@ -207,7 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="per-layer bits, compression, size and BitOPs of a bit-plane model")
     p.add_argument("--arch", required=True, help="a name from `bsq models`")
     p.add_argument("--nbits", type=int, default=8, help="initial precision of every quantized layer (BSQ: 8)")
-    p.add_argument("--act-bits", type=int, default=4, help="activation bits (BSQ README: 4)")
+    p.add_argument(
+        "--act-bits",
+        type=lambda v: None if v == "none" else int(v),
+        default=4,
+        help="activation bits (BSQ README: 4; none = ReLU)",
+    )
     p.add_argument("--num-classes", type=int, default=None, help="default: 10 for CIFAR models, 1000 for ImageNet")
     p.add_argument("--checkpoint", default=None, help="official float or bit-form checkpoint to load first")
     p.add_argument("--quantize-shortcuts", action="store_true", help="paper-era policy (spec P4)")

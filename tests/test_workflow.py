@@ -1,22 +1,30 @@
-"""The Snakemake workflow: lint-clean, validated config, and a real run whose outputs match the library."""
+"""The Snakemake workflow: validated configs, the expected DAGs, and the default DAG run end to end whose tables and
+plots hold exactly the runs' numbers."""
+
+from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
 from tests.conftest import PROJECT_ROOT
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+EXPERIMENTS = sorted((PROJECT_ROOT / "config" / "experiments").glob("*.yaml"))
 
 
 def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     bin_dir = str(Path(sys.executable).parent)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(workdir)}
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(workdir), "MLFLOW_DISABLE_TELEMETRY": "true"}
     return subprocess.run(
         [*SNAKEMAKE, "-s", str(PROJECT_ROOT / "Snakefile"), "-d", str(workdir), *args],
         capture_output=True,
@@ -26,45 +34,231 @@ def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def _make_workdir(path: Path) -> Path:
+    (path / "config").mkdir(parents=True)
+    for name in ("config.yaml", "published_baselines.csv"):
+        shutil.copy(PROJECT_ROOT / "config" / name, path / "config" / name)
+    shutil.copytree(PROJECT_ROOT / "config" / "experiments", path / "config" / "experiments")
+    return path
+
+
 @pytest.fixture
 def workdir(tmp_path):
-    (tmp_path / "config").mkdir()
-    shutil.copy(PROJECT_ROOT / "config" / "config.yaml", tmp_path / "config" / "config.yaml")
-    return tmp_path
+    return _make_workdir(tmp_path)
 
 
-def test_default_config_dry_run_lists_one_job_per_model(workdir):
+def _job_counts(output: str) -> dict[str, int]:
+    """Rule -> job count from the job-stats table of a dry run."""
+    counts = {}
+    for line in output.splitlines():
+        match = re.fullmatch(r"([a-z_]+)\s+(\d+)", line.strip())
+        if match and match.group(1) != "total":
+            counts[match.group(1)] = int(match.group(2))
+    return counts
+
+
+def _expected_counts(config: dict) -> dict[str, int]:
+    runs = len(config["alphas"]) * len(config["seeds"])
+    variants = 2 if config.get("train_from_scratch", True) else 1
+    counts = {
+        "pretrain": len(config["seeds"]),
+        "evaluate_pretrain": len(config["seeds"]),
+        "bsq_search": runs,
+        "prune": runs,
+        "finetune": runs,
+        "evaluate": runs * variants,
+        "aggregate": 1,
+        "inspect_model": 1,
+        "all": 1,
+    }
+    if variants == 2:
+        counts["train_from_scratch"] = runs
+    return counts
+
+
+def test_default_dry_run_lists_every_stage_per_alpha_and_seed(workdir):
     result = _snakemake(workdir, "-n", "--quiet", "rules")
     assert result.returncode == 0, result.stderr
-    models = yaml.safe_load((workdir / "config" / "config.yaml").read_text())["models"]
-    counts = {
-        line.split()[0]: int(line.split()[-1])
-        for line in result.stdout.splitlines()
-        if line[:1].isalpha() and len(line.split()) == 2 and line.split()[-1].isdigit()
-    }
-    assert counts["inspect_model"] == len(models) and counts["all"] == 1
+    config = yaml.safe_load((PROJECT_ROOT / "config" / "config.yaml").read_text())
+    assert len(config["alphas"]) >= 3 and all(isinstance(a, str) for a in config["alphas"])
+    assert _job_counts(result.stdout) == _expected_counts(config)
+
+
+def test_two_seeds_double_the_runs_but_not_the_aggregate(workdir):
+    result = _snakemake(workdir, "-n", "--quiet", "rules", "--config", "seeds=[1,2]", "train_from_scratch=false")
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load((PROJECT_ROOT / "config" / "config.yaml").read_text())
+    expected = _expected_counts({**config, "seeds": [1, 2], "train_from_scratch": False})
+    assert _job_counts(result.stdout) == expected
+
+
+@pytest.mark.parametrize("profile", ["local", "slurm"])
+def test_profiles_plan_the_same_dag(workdir, profile):
+    """Both profiles parse (the SLURM one through snakemake-executor-plugin-slurm) and plan the default jobs."""
+    result = _snakemake(
+        workdir, "-n", "--quiet", "rules", "--profile", str(PROJECT_ROOT / "workflow/profiles" / profile)
+    )
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load((PROJECT_ROOT / "config" / "config.yaml").read_text())
+    assert _job_counts(result.stdout) == _expected_counts(config)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.stem)
+def test_experiment_overlays_validate_and_list_their_jobs(workdir, experiment):
+    """Each paper recipe dry-runs (with stand-in data folders) and names its command and expected numbers."""
+    overlay = yaml.safe_load(experiment.read_text())
+    header = experiment.read_text().split("\nname:")[0]
+    assert "snakemake" in header and "Expected" in header, "header must give the command and expected numbers"
+    data = workdir / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "val").mkdir()
+    weights = workdir / "weights.pth"
+    weights.write_bytes(b"")
+    extra = [f"data_root={data}"] + ([f"pretrained={weights}"] if overlay.get("pretrained") else [])
+    result = _snakemake(workdir, "-n", "--quiet", "rules", "--configfile", str(experiment), "--config", *extra)
+    assert result.returncode == 0, result.stderr
+    config = {**yaml.safe_load((PROJECT_ROOT / "config" / "config.yaml").read_text()), **overlay}
+    assert _job_counts(result.stdout) == _expected_counts(config)
+
+
+def test_paper_sweep_is_the_papers_alphas():
+    overlay = yaml.safe_load((PROJECT_ROOT / "config/experiments/cifar10_resnet20.yaml").read_text())
+    assert overlay["alphas"] == ["3e-3", "5e-3", "7e-3", "1e-2", "2e-2"]
+    assert overlay["stages"]["search"]["bsq"]["requant_interval"] == 100
 
 
 @pytest.mark.parametrize(
     "override, message",
-    [("models=[resnet21]", "resnet21"), ("initial_bits=0", "initial_bits"), ("colour=blue", "colour")],
+    [
+        (["seeds=one"], "'one' is not of type 'array'"),
+        (["alphas=['-5e-3']"], "does not match"),  # the schema's number pattern rejects the sign
+        (["alphas=['0']"], "alphas must all be > 0"),
+        (["arch=resnet21"], "'resnet21' is not one of"),
+        (["dataset=cifar10", "data_root=/nonexistent/cifar"], "data_root: /nonexistent/cifar does not exist"),
+        (["dataset=cifar10"], "data_root is required for dataset cifar10"),
+        (["colour=blue"], "Additional properties are not allowed ('colour'"),
+        (["stages={search: {optim: {lrr: 1}}}"], "unknown key(s) optim.lrr"),
+        (["stages={finetune: {optim: {epochs: -1}}}"], "optim.epochs"),
+        (["pretrained=/nonexistent/model.pth"], "pretrained: /nonexistent/model.pth not found"),
+    ],
 )
 def test_bad_config_fails_before_any_job(workdir, override, message):
-    result = _snakemake(workdir, "-n", "--config", override)
-    assert result.returncode != 0 and message in result.stderr + result.stdout
-    assert not (workdir / "results").exists()
+    result = _snakemake(workdir, "-n", "--config", *override)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert not (workdir / "results").exists() and not (workdir / "logs").exists()
+
+
+def test_bad_published_baselines_fail_before_any_job(workdir):
+    sheet = workdir / "config" / "published_baselines.csv"
+    frame = pd.read_csv(sheet)
+    frame.loc[0, "status"] = "probably"
+    frame.to_csv(sheet, index=False)
+    result = _snakemake(workdir, "-n")
+    assert result.returncode != 0 and "'probably' is not one of" in result.stderr + result.stdout
+
+
+# ---- the default DAG, end to end -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """`snakemake --cores 2` on the default config in a fresh folder (what `make run` does), timed."""
+    workdir = _make_workdir(tmp_path_factory.mktemp("dag"))
+    started = time.perf_counter()
+    result = _snakemake(workdir, "--cores", "2")
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr[-4000:]
+    print(f"default DAG: {elapsed:.0f} s on --cores 2")
+    return workdir, elapsed
+
+
+def _eval_files(workdir: Path) -> list[Path]:
+    return sorted((workdir / "results").glob("default/*/*/**/eval*/metrics.json"))
 
 
 @pytest.mark.slow
-def test_run_writes_cards_matching_the_library(workdir):
-    result = _snakemake(workdir, "--cores", "1", "--config", "models=[resnet8]")
-    assert result.returncode == 0, result.stderr
-    summary = json.loads((workdir / "results/models/resnet8/summary.json").read_text())
-    from bsq.metrics import summary as model_summary
-    from bsq.models import create_model
-    from bsq.quant.convert import quantize_model
+def test_default_dag_runs_end_to_end_within_budget(finished):
+    workdir, elapsed = finished
+    config = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
+    assert len(_eval_files(workdir)) == len(config["alphas"]) * 2 + 1  # finetune + scratch per alpha, plus FP
+    for name in ("default.csv", "default.md", "default.tex", "default_runs.csv"):
+        assert (workdir / "results" / "tables" / name).stat().st_size > 0
+    for name in ("pareto.png", "layer_bits.png", "search_curves.png"):
+        assert (workdir / "results" / "plots" / "default" / name).read_bytes()[:4] == b"\x89PNG"
+    assert elapsed < 600, f"the default DAG took {elapsed:.0f} s; the budget is 10 min on 2 cores"
 
-    expected = model_summary(quantize_model(create_model("resnet8")))
-    assert summary["quantized_params"] == expected["quantized_params"] and summary["compression"] == 4.0
-    again = _snakemake(workdir, "--cores", "1", "--config", "models=[resnet8]")
-    assert "Nothing to be done" in again.stdout + again.stderr
+
+@pytest.mark.slow
+def test_tables_hold_the_runs_numbers(finished):
+    workdir, _ = finished
+    runs = pd.read_csv(workdir / "results" / "tables" / "default_runs.csv", dtype={"alpha": str})
+    summary = pd.read_csv(workdir / "results" / "tables" / "default.csv", dtype={"alpha": str})
+    markdown = (workdir / "results" / "tables" / "default.md").read_text()
+    latex = (workdir / "results" / "tables" / "default.tex").read_text()
+    for path in _eval_files(workdir):
+        metrics = json.loads(path.read_text())
+        labels = metrics["labels"]
+        variant = labels.get("variant", "pretrain" if metrics["checkpoint_stage"] == "pretrain" else "finetune")
+        alpha = str(labels.get("alpha", ""))
+        row = runs[(runs["variant"] == variant) & (runs["alpha"].fillna("") == alpha)]
+        assert len(row) == 1, (variant, alpha)
+        for key in ("top1", "top5", "avg_bits", "compression", "size_mb", "bitops_g"):
+            assert row[key].iloc[0] == pytest.approx(metrics[key]), key
+        mean = summary[(summary["variant"] == variant) & (summary["alpha"].fillna("") == alpha)]
+        assert mean["top1"].iloc[0] == pytest.approx(metrics["top1"]) and math.isnan(mean["top1_std"].iloc[0])
+        assert f"{metrics['top1']:.2f}" in markdown and f"{metrics['top1']:.2f}" in latex
+        if variant == "finetune":  # the paper's "before finetuning" column comes from the prune stage
+            pruned = json.loads((path.parent.parent / "prune" / "metrics.json").read_text())
+            assert row["top1_before_ft"].iloc[0] == pytest.approx(pruned["top1"])
+    assert "\\begin{tabular}" in latex and "\\toprule" in latex
+
+
+@pytest.mark.slow
+def test_every_job_is_an_mlflow_run_with_lineage(finished):
+    import mlflow
+
+    workdir, _ = finished
+    mlflow.set_tracking_uri(f"sqlite:///{workdir}/results/mlflow/mlflow.db")
+    try:
+        runs = mlflow.search_runs(search_all_experiments=True)
+    finally:
+        mlflow.set_tracking_uri(None)
+    config = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
+    n = len(config["alphas"])
+    stages = runs["tags.bsq.stage"].value_counts().to_dict()
+    assert stages == {"pretrain": 1, "search": n, "prune": n, "finetune": 2 * n, "evaluate": 2 * n + 1, "aggregate": 1}
+    assert (runs["status"] == "FINISHED").all()
+    finetunes = runs[(runs["tags.bsq.stage"] == "finetune") & (runs["tags.bsq.variant"] != "scratch")]
+    by_id = runs.set_index("run_id")
+    for _, run in finetunes.iterrows():
+        prune_run = by_id.loc[run["tags.mlflow.parentRunId"]]
+        assert prune_run["tags.bsq.stage"] == "prune" and prune_run["tags.bsq.alpha"] == run["tags.bsq.alpha"]
+        assert by_id.loc[run["tags.bsq.search_run_id"], "tags.bsq.stage"] == "search"
+        assert by_id.loc[run["tags.bsq.pretrain_run_id"], "tags.bsq.stage"] == "pretrain"
+
+
+@pytest.mark.slow
+def test_report_holds_tables_plots_and_captions(finished):
+    workdir, _ = finished
+    result = _snakemake(workdir, "--report", "report.html")
+    assert result.returncode == 0, result.stderr[-2000:]
+    html = (workdir / "report.html").read_text()
+    for needle in ("pareto.png", "layer_bits.png", "search_curves.png", "default.csv", "Top-1 accuracy against"):
+        assert needle in html, needle
+
+
+@pytest.mark.slow
+def test_rerun_does_nothing_and_a_deleted_output_reruns_only_its_branch(finished):
+    workdir, _ = finished
+    again = _snakemake(workdir, "-n")
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    config = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
+    alpha = config["alphas"][1]
+    branch = next((workdir / "results").glob(f"default/*/*/bsq/alpha-{alpha}/seed-1"))
+    shutil.rmtree(branch / "finetune")
+    # Snakemake does not redo a deleted intermediate while what it fed is up to date (as with temp files) ...
+    assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(_snakemake(workdir, "-n"))
+    # ... `--forcerun <that output>` (README) redoes exactly that branch: finetune, its evaluation, the tables.
+    target = str((branch / "finetune" / "model.pt").relative_to(workdir))
+    result = _snakemake(workdir, "-n", "--quiet", "rules", "--forcerun", target)
+    assert result.returncode == 0, result.stderr
+    assert _job_counts(result.stdout) == {"finetune": 1, "evaluate": 1, "aggregate": 1, "all": 1}

@@ -1,4 +1,4 @@
-# Convert each configured model to BSQ's initial bit-plane form and record its per-layer costs.
+# Convert the configured model to BSQ's initial bit-plane form and record its per-layer costs.
 rule inspect_model:
     message:
         "Bit-plane card of {wildcards.arch} at {params.nbits} bits"
@@ -6,9 +6,10 @@ rule inspect_model:
         table="results/models/{arch}/layers.csv",
         summary="results/models/{arch}/summary.json",
     params:
-        nbits=config["initial_bits"],
-        act_bits=config["act_bits"],
-        out_dir=directory_of_model,
+        nbits=initial_bits(),
+        act_bits=config["act_bits"] or "none",
+        out_dir=out_dir,
+        launch=f"{shlex.quote(sys.executable)} -m bsq.cli",
     log:
         "logs/inspect_model/{arch}.log",
     benchmark:
@@ -19,5 +20,5 @@ rule inspect_model:
     resources:
         mem_mb=2000,
     shell:
-        "bsq inspect --arch {wildcards.arch} --nbits {params.nbits} --act-bits {params.act_bits}"
+        "{params.launch} inspect --arch {wildcards.arch} --nbits {params.nbits} --act-bits {params.act_bits}"
         " --out-dir {params.out_dir} > {log} 2>&1"

@@ -1,0 +1,32 @@
+"""Snakemake adapter of rule `aggregate`: read everything from the `snakemake` object, call bsq.report once."""
+
+import sys
+
+sys.stderr = open(snakemake.log[0], "w")  # noqa: F821, SIM115 (the log stays open for the whole job)
+
+from bsq.report import write_report  # noqa: E402
+from bsq.tracking import Tracker  # noqa: E402
+
+sm = snakemake  # noqa: F821
+alphas = sm.params.alphas
+outputs = {key: sm.output[key] for key in ("runs", "csv", "md", "tex", "pareto", "layer_bits", "search_curves")}
+summary = write_report(
+    evaluations=[tuple(pair) for pair in sm.params.evaluations],
+    search_histories={alpha: sm.input[f"history_{alpha}"] for alpha in alphas},
+    schemes={alpha: sm.input[f"scheme_{alpha}"] for alpha in alphas},
+    baselines=sm.input.baselines,
+    outputs=outputs,
+    title=sm.params.title,
+)
+print(summary.to_string(), file=sys.stderr)
+
+tracking = sm.params.tracking
+with Tracker(
+    experiment=tracking["experiment"],
+    run_name=tracking["run_name"],
+    uri=tracking["uri"],
+    tags={"bsq.stage": "aggregate", "snakemake.rule": "aggregate"},
+    enabled=tracking["enabled"],
+) as tracker:
+    for path in outputs.values():
+        tracker.log_artifact(path, "report")
