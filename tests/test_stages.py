@@ -121,7 +121,7 @@ def test_train_from_scratch_applies_the_scheme_exactly(pipeline, tmp_path):
     scheme["layer1.0.conv1"] = 0  # a layer BSQ removed must stay removed, not come back at 1 bit
     scheme_path = tmp_path / "scheme.json"
     scheme_path.write_text(json.dumps(scheme))
-    cfg = tiny_config(root)
+    cfg = tiny_config(tmp_path)  # its own MLflow store: the module's store is counted by the lineage test
     cfg = {**cfg, "optim": {"epochs": 1, "lr": 0.01}, "labels": {"variant": "scratch", "alpha": ALPHAS[0]}}
     outputs = default_outputs("finetune", tmp_path / "scratch")
     metrics = finetune.run(cfg, {"checkpoint": out["pretrain"]["checkpoint"], "scheme": scheme_path}, outputs)
