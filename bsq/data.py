@@ -167,6 +167,9 @@ class DataConfig:
     train_subset: int | None = None  # first-k training examples (before sharding), for quick runs / tests
     test_subset: int | None = None  # first-k test examples
     image_size: int | None = None  # imagenet only: crop size (e.g. 299 for inception_v3); None = 224
+    # Tensor datasets (digits, cifar10) kept on the training device as uint8 and cropped/flipped there in whole
+    # batches: no worker processes, no host-to-device copies. Same batches as the host path. None = on with CUDA.
+    on_device: bool | None = None
 
     def __post_init__(self) -> None:
         _require(isinstance(self.name, str) and self.name in _DATASETS, "name", f"one of {list_datasets()}", self.name)
@@ -177,8 +180,11 @@ class DataConfig:
         _require(self.root is None or isinstance(self.root, str), "root", "a directory path or null", self.root)
         for key in ("download", "augment"):
             _require(isinstance(getattr(self, key), bool), key, "true or false", getattr(self, key))
-        pin = self.pin_memory
-        _require(pin is None or isinstance(pin, bool), "pin_memory", "null, true or false", pin)
+        for key in ("pin_memory", "on_device"):
+            value = getattr(self, key)
+            _require(value is None or isinstance(value, bool), key, "null, true or false", value)
+        if self.on_device and self.name == "imagenet":
+            raise BSQError("data.on_device applies to digits and cifar10 (in-memory tensors), not imagenet")
         for key in ("batch_size", "test_batch_size"):
             value = getattr(self, key)
             _require(_is_int(value) and value > 0, key, "a positive integer", value)
@@ -244,6 +250,13 @@ class TensorImageDataset(Dataset):
             self.augment,
         )
 
+    def to(self, device: torch.device | str) -> TensorImageDataset:
+        """A copy whose images, labels and normalisation constants live on ``device``."""
+        moved = self.head(len(self))
+        moved.images, moved.labels = self.images.to(device), self.labels.to(device)
+        moved.mean, moved.std = self.mean.to(device), self.std.to(device)
+        return moved
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         # same operations (and so the same bits) as normalize_cifar for CIFAR-10
         return (images.float() / self.scale - self.mean) / self.std
@@ -256,9 +269,14 @@ class TensorImageDataset(Dataset):
         out = images
         if self.pad:
             padded = F.pad(images, (self.pad,) * 4)  # zeros around the raw image
-            rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
-            cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
-            out = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+            dev = images.device
+            rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+            cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+            n_idx, c_idx = (
+                torch.arange(n, device=dev)[:, None, None, None],
+                torch.arange(c, device=dev)[None, :, None, None],
+            )
+            out = padded[n_idx, c_idx, rows, cols]
         if self.flip:
             out = torch.where(flip[:, None, None, None], out.flip(-1), out)
         return out
@@ -394,10 +412,15 @@ class TrainLoader:
         world_size: int = 1,
         workers: int = 0,
         pin_memory: bool = False,
+        resident: bool = False,
     ) -> None:
         self.dataset = dataset
         self.batches = _ShuffledBatches(len(dataset), batch_size, seed, rank, world_size)
-        self.loader = _data_loader(dataset, self.batches, workers, pin_memory, seed)
+        # resident: index a TensorImageDataset where it lives (e.g. on the GPU) instead of a DataLoader.
+        if resident and not isinstance(dataset, TensorImageDataset):
+            raise BSQError("a resident TrainLoader needs an in-memory TensorImageDataset (digits or cifar10)")
+        self.resident = resident
+        self.loader = None if self.resident else _data_loader(dataset, self.batches, workers, pin_memory, seed)
 
     @property
     def epoch(self) -> int:
@@ -416,7 +439,37 @@ class TrainLoader:
         return len(self.batches)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iter(self.loader)
+        return self._resident_batches() if self.resident else iter(self.loader)
+
+    def _resident_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The host path's batches, computed where the data lives: same plan, same tokens, same ops."""
+        data = self.dataset
+        shard, tokens = self.batches.plan()
+        shard, tokens = shard.to(data.images.device), tokens.to(data.images.device)
+        for start in range(0, len(shard), self.batches.batch_size):
+            index = shard[start : start + self.batches.batch_size]
+            images = data.images[index]
+            if data.augment:
+                images = data.crop_and_flip(images, tokens[index])
+            yield data.normalize(images), data.labels[index]
+
+
+class ResidentTestLoader:
+    """Fixed-order evaluation batches of a device-resident TensorImageDataset."""
+
+    def __init__(self, dataset: TensorImageDataset, batch_size: int) -> None:
+        self.dataset, self.batch_size = dataset, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        data = self.dataset
+        for start in range(0, len(data), self.batch_size):
+            yield (
+                data.normalize(data.images[start : start + self.batch_size]),
+                data.labels[start : start + self.batch_size],
+            )
 
 
 @dataclass
@@ -426,7 +479,7 @@ class Loaders:
     all-reduce of the metrics."""
 
     train: TrainLoader
-    test: DataLoader
+    test: DataLoader | ResidentTestLoader
     info: DatasetInfo
 
 
@@ -605,11 +658,17 @@ def build_loaders(
     test_set = _head(test_set, cfg.test_subset, "test_subset", f"{cfg.name} test")
     pin = cfg.pin_memory if cfg.pin_memory is not None else torch.device(device).type == "cuda"
     pin = pin and torch.cuda.is_available()
-    train = TrainLoader(train_set, cfg.batch_size, seed, rank, world_size, cfg.workers, pin)
+    resident = cfg.on_device if cfg.on_device is not None else torch.device(device).type == "cuda"
+    resident = resident and isinstance(train_set, TensorImageDataset)
+    if resident:
+        train_set, test_set = train_set.to(device), test_set.to(device)
+    train = TrainLoader(train_set, cfg.batch_size, seed, rank, world_size, cfg.workers, pin and not resident, resident)
     if len(train) == 0:
         raise BSQError(
             f"rank {rank} of {world_size} gets {len(train_set) // world_size} training example(s), too few for a "
             "batch; raise data.train_subset or use fewer processes"
         )
+    if train.resident:
+        return Loaders(train=train, test=ResidentTestLoader(test_set, cfg.test_batch_size), info=info)
     test = _data_loader(test_set, _SequentialBatches(len(test_set), cfg.test_batch_size), cfg.workers, pin, seed)
     return Loaders(train=train, test=test, info=info)

@@ -331,3 +331,42 @@ def test_imagenet_samples(shared_data, tmp_path):
     assert not _same(first, _batches(single, 2))
     big = build_loaders(DataConfig(name="imagenet", root=str(tmp_path), image_size=64, test_subset=2), seed=0)
     assert big.info.image_size == 64 and next(iter(big.test))[0].shape == (2, 3, 64, 64)
+
+
+# ---- the device-resident path (data.on_device) ------------------------------------------------------------------
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _cifar_like(n: int = 300) -> TensorImageDataset:
+    gen = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (n, 3, 32, 32), generator=gen).to(torch.uint8)
+    return TensorImageDataset(images, torch.arange(n) % 10, CIFAR10_MEAN, CIFAR10_STD, pad=4, flip=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_resident_loader_gives_the_host_paths_batches(device):
+    """Same plan, same tokens, same ops: the on-device batches equal the DataLoader's, bit for bit, every epoch."""
+    dataset = _cifar_like()
+    host = TrainLoader(dataset, batch_size=64, seed=3)
+    resident = TrainLoader(dataset.to(device), batch_size=64, seed=3, resident=True)
+    for epoch in (0, 1, 7):
+        a = _batches(host, epoch)
+        b = [(x.cpu(), y.cpu()) for x, y in _batches(resident, epoch)]
+        assert _same(a, b), epoch
+        assert all(x.device.type == device for x, _ in resident)
+
+
+@pytest.mark.parametrize("name", ["digits"])
+def test_on_device_config_gives_the_same_train_and_test_batches(name):
+    plain = build_loaders(DataConfig(name=name, batch_size=100, on_device=False), seed=4)
+    resident = build_loaders(DataConfig(name=name, batch_size=100, on_device=True), seed=4)
+    assert resident.train.resident and not plain.train.resident
+    assert _same(_batches(plain.train, 2), _batches(resident.train, 2))
+    assert _same(list(plain.test), list(resident.test))
+
+
+def test_on_device_rejects_folder_datasets():
+    with pytest.raises(BSQError, match="on_device applies to digits and cifar10"):
+        DataConfig(name="imagenet", root="x", on_device=True)
+    with pytest.raises(BSQError, match="on_device must be null, true or false"):
+        DataConfig(on_device="yes")

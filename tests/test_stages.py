@@ -341,3 +341,18 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, float_checkpoint):
     cfg["bsq"] = {"alpha": "1e30"}
     with pytest.raises(engine.NonFiniteLoss, match="diverged"):
         search.run(cfg, {"checkpoint": float_checkpoint}, default_outputs("search", tmp_path / "s"))
+
+
+def test_device_resident_data_trains_to_the_same_quantized_weights(pipeline, tmp_path):
+    """data.on_device changes where batches are made, not what the search learns: identical bit planes."""
+    _, out = pipeline
+    states = []
+    for on_device in (False, True):
+        cfg = tiny_config(tmp_path)
+        cfg = {**cfg, "data": {**cfg["data"], "on_device": on_device}, "bsq": {"alpha": "1e-1", "requant_interval": 1}}
+        cfg["tracking"] = {"enabled": False}
+        outputs = default_outputs("search", tmp_path / f"resident-{on_device}")
+        search.run(cfg, {"checkpoint": out["pretrain"]["checkpoint"]}, outputs)
+        states.append(load_checkpoint(outputs["checkpoint"])["state_dict"])
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key
