@@ -24,7 +24,7 @@ from torch import nn
 from bsq.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from bsq.config import StageConfig, config_to_dict, load_stage_config
 from bsq.data import DatasetInfo, Loaders, build_loaders, dataset_info
-from bsq.engine import Distributed
+from bsq.engine import Distributed, Hooks, Trainer
 from bsq.errors import BSQError
 from bsq.layout import OUTPUTS
 
@@ -275,6 +275,25 @@ class Session:
             log.warning("resume file is for another config; moved to %s, starting over", aside)
             return None
         return ckpt
+
+    def trainer(
+        self, model: nn.Module, loaders: Loaders, tracker: Any, hooks: Hooks | None = None, keep_best: bool = False
+    ) -> Trainer:
+        """The shared training loop wired to this job: its recipe, seed, devices, MLflow run and resume file."""
+        return Trainer(
+            model,
+            loaders.train,
+            loaders.test,
+            self.cfg.optim,
+            seed=self.cfg.seed,
+            dist=self.dist,
+            hooks=hooks,
+            log_metrics=tracker.log_metrics,
+            save_resume=self.save_resume,
+            keep_best=keep_best,
+            progress=self.progress,
+            resume=self.resume,
+        )
 
     def save_resume(self, model: nn.Module, payload: dict[str, Any]) -> None:
         if self.dist.is_main:

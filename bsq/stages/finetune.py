@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from bsq.checkpoint import load_model
-from bsq.engine import Hooks, Trainer, evaluate
+from bsq.engine import Hooks, evaluate
 from bsq.errors import BSQError
 from bsq.quant.convert import bit_layers, clamp_bits_, export_scheme, quantize_model, set_form_, to_float_model
 from bsq.stages.common import Session
@@ -81,20 +81,7 @@ def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outp
             s.start_metrics["initial_top1"] = start["top1"]
             tracker.log_metrics(s.start_metrics, step=0)
         metrics: dict[str, Any] = dict(s.start_metrics)
-        trainer = Trainer(
-            model,
-            loaders.train,
-            loaders.test,
-            cfg.optim,
-            seed=cfg.seed,
-            dist=s.dist,
-            hooks=Hooks(after_step=clamp_bits_),
-            log_metrics=tracker.log_metrics,
-            save_resume=s.save_resume,
-            keep_best=True,
-            progress=s.progress,
-            resume=s.resume,
-        )
+        trainer = s.trainer(model, loaders, tracker, Hooks(after_step=clamp_bits_), keep_best=True)
         result = trainer.fit()
         if result.best_state is not None:
             model.load_state_dict(result.best_state)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from bsq.checkpoint import build_model, load_checkpoint, load_model
-from bsq.engine import Trainer, evaluate
+from bsq.engine import evaluate
 from bsq.errors import BSQError
 from bsq.stages.common import Session
 
@@ -59,19 +59,7 @@ def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outp
             s.start_metrics.update({f"imported_{k}": v for k, v in start.items()})
             tracker.log_metrics(s.start_metrics, step=0)
         metrics: dict[str, Any] = dict(s.start_metrics)
-        trainer = Trainer(
-            model,
-            loaders.train,
-            loaders.test,
-            cfg.optim,
-            seed=cfg.seed,
-            dist=s.dist,
-            log_metrics=tracker.log_metrics,
-            save_resume=s.save_resume,
-            keep_best=True,
-            progress=s.progress,
-            resume=s.resume,
-        )
+        trainer = s.trainer(model, loaders, tracker, keep_best=True)
         result = trainer.fit()
         if result.history:
             last = result.history[-1]

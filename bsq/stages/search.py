@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from bsq.checkpoint import load_model
-from bsq.engine import Hooks, Trainer, evaluate
+from bsq.engine import Hooks, evaluate
 from bsq.errors import BSQError
 from bsq.metrics import projected_bits, summary
 from bsq.quant.convert import bit_layers, clamp_bits_, quantize_model, requantize_model, set_form_
@@ -76,19 +76,7 @@ def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outp
             on_epoch_start=requantize,
             epoch_metrics=epoch_metrics,
         )
-        trainer = Trainer(
-            model,
-            loaders.train,
-            loaders.test,
-            cfg.optim,
-            seed=cfg.seed,
-            dist=s.dist,
-            hooks=hooks,
-            log_metrics=tracker.log_metrics,
-            save_resume=s.save_resume,
-            progress=s.progress,
-            resume=s.resume,
-        )
+        trainer = s.trainer(model, loaders, tracker, hooks)
         result = trainer.fit()
         last = result.history[-1] if result.history else {}
         metrics = {
