@@ -99,6 +99,27 @@ def test_digits_split_is_fixed_disjoint_and_stratified():
     assert x.mean() == pytest.approx(DIGITS_MEAN[0], abs=1e-12) and x.std() == pytest.approx(DIGITS_STD[0], abs=1e-12)
 
 
+def test_digits_read_without_sklearn_equal_load_digits():
+    """The direct CSV read gives exactly scikit-learn's images and labels, and does not import scikit-learn."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from bsq.data import _load_digits
+
+    images, labels = _load_digits()
+    bunch = load_digits()
+    assert images.dtype == torch.uint8 and images.shape == (1797, 1, 8, 8)
+    assert torch.equal(images[:, 0].long(), torch.from_numpy(bunch.images.astype(np.int64)))
+    assert torch.equal(labels, torch.from_numpy(bunch.target.astype(np.int64)))
+    code = "import sys, bsq.data as d; d._load_digits(); print('sklearn' in sys.modules, 'torchvision' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == [
+        "False",
+        "False",
+    ]
+
+
 def test_digits_loaders_shapes_and_normalisation():
     loaders = build_loaders(DataConfig(batch_size=128, test_batch_size=100, augment=False), seed=0)
     assert loaders.info == dataset_info("digits")

@@ -5,11 +5,13 @@ ReLU6 after a conv becomes `ActQuant(act_bits)` (ReLU6 clip + dynamic a-bit quan
 does), and the stem activation follows `stem_act_bits` (None = the model's own float activation, unquantized,
 like the official HEAD stem). Weights become bit planes later, with `quantize_model`. No pretrained weights
 are downloaded: ImageNet runs start from a checkpoint the suite trained or one the user provides.
+
+torchvision is imported inside the builders: importing it costs ~4.5 s (it pulls in torch._dynamo), which every
+CIFAR / digits job would otherwise pay at start-up.
 """
 
 from __future__ import annotations
 
-import torchvision
 from torch import nn
 
 from bsq.quant.act import NO_QUANT_BITS, ActQuant
@@ -47,11 +49,15 @@ def _swap_activations(model: nn.Module, act_bits: int | None, stem_act_bits: int
 
 
 def resnet(depth: int, num_classes: int, act_bits: int | None, stem_act_bits: int | None) -> nn.Module:
+    import torchvision
+
     builder = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50}[depth]
     return _swap_activations(builder(weights=None, num_classes=num_classes), act_bits, stem_act_bits)
 
 
 def mobilenet_v2(num_classes: int, act_bits: int | None, stem_act_bits: int | None) -> nn.Module:
+    import torchvision
+
     model = torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes)
     return _swap_activations(model, act_bits, stem_act_bits)
 
@@ -60,6 +66,8 @@ def inception_v3(
     num_classes: int, act_bits: int | None, stem_act_bits: int | None, aux_logits: bool = False
 ) -> nn.Module:
     """`aux_logits=False` by default: the training engine then sees one logits tensor, as for other models."""
+    import torchvision
+
     model = torchvision.models.inception_v3(
         weights=None, num_classes=num_classes, aux_logits=aux_logits, init_weights=True
     )
