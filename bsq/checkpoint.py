@@ -75,10 +75,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def model_form(model: nn.Module) -> str:
-    """ "float" (no bit layers), or the common form of the bit layers ("bits" or "latent")."""
+    """ "float" (no quantized layers), "frac" (FracBits / uniform-QAT layers), or the common form of the BSQ bit
+    layers ("bits" or "latent")."""
     from bsq.quant.convert import bit_layers
+    from bsq.quant.frac import frac_layers
 
-    forms = {layer.form for _, layer in bit_layers(model)}
+    forms = {layer.form for _, layer in bit_layers(model)} | {layer.form for _, layer in frac_layers(model)}
     if not forms:
         return "float"
     if len(forms) > 1:
@@ -87,9 +89,13 @@ def model_form(model: nn.Module) -> str:
 
 
 def layer_precisions(model: nn.Module) -> dict[str, int]:
-    """The stored N of every quantized tensor (0 allowed in latent form), keyed like a scheme."""
+    """The stored N of every quantized tensor (0 allowed in latent form), keyed like a scheme; for FracBits layers
+    the scheme of `frac_scheme` (weight bits, and `<layer>.act` input bits)."""
     from bsq.quant.convert import bit_layers
+    from bsq.quant.frac import frac_layers, frac_scheme
 
+    if any(True for _ in frac_layers(model)):
+        return frac_scheme(model)
     out: dict[str, int] = {}
     for name, layer in bit_layers(model):
         out[name] = int(layer.nbits)
@@ -143,6 +149,10 @@ def build_model(model_args: dict[str, Any], form: str, policy: dict[str, Any] | 
     model = create_model(args.pop("arch"), **args)
     if form == "float":
         return model
+    if form == "frac":  # structure from the policy; bit-widths, clips and hard / signed flags come with the state
+        from bsq.quant.frac import FracPolicy, frac_quantize_model
+
+        return frac_quantize_model(model, FracPolicy(**(policy or {})))
     if form not in ("bits", "latent"):
         raise BSQError(f"unknown checkpoint form {form!r}")
     scheme = {name: max(int(n), 1) for name, n in precisions.items()}
@@ -166,7 +176,11 @@ def load_model(ckpt: dict[str, Any], overrides: dict[str, Any] | None = None, pa
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
+    # Changing act_bits adds or drops PACT clips (bits <= 3): absent ones keep their initial value, extra ones go.
     allowed_missing = [k for k in missing if k.endswith(".alpha")] if overrides else []
+    allowed_unexpected = [k for k in unexpected if k.endswith(".alpha")] if overrides else []
+    state = {k: v for k, v in state.items() if k not in allowed_unexpected}
+    unexpected = sorted(set(unexpected) - set(allowed_unexpected))
     wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
     if set(missing) - set(allowed_missing) or unexpected or wrong:
         raise BSQError(

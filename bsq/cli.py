@@ -8,6 +8,9 @@ bsq prune    --config stage.yaml --checkpoint runs/a5e-3/search/model.pt --out-d
 bsq finetune --config stage.yaml --checkpoint runs/a5e-3/prune/model.pt --out-dir runs/a5e-3/finetune
 bsq evaluate --checkpoint model_best.pth.tar --arch resnet20 --data cifar10 --data-root DIR \
              --weight-bits 8 --act-bits 4 --out-dir runs/official             # an official checkpoint
+bsq fracbits --checkpoint runs/pretrain/model.pt --budget runs/a5e-3/prune/metrics.json --out-dir runs/fb-a5e-3
+bsq fracbits --checkpoint runs/pretrain/model.pt --target 0.08 --out-dir runs/fb-0.08mb  # --set fracbits.cost=bitops
+bsq uniform  --checkpoint runs/pretrain/model.pt --bits 4 --out-dir runs/uniform-w4
 
 Stage options: `--config FILE` (YAML/JSON stage config, see bsq.config), `--set key.sub=value` (YAML value),
 shortcuts for common keys, `--input name=PATH`, and `--out-dir DIR` or `--output name=PATH` for every output.
@@ -63,7 +66,6 @@ def _models(args: argparse.Namespace) -> None:
     print("\n".join(list_models()))
 
 
-STAGES = ("pretrain", "search", "prune", "finetune", "evaluate")
 # shortcut flag -> dotted config key
 SHORTCUTS = {
     "arch": "model.arch",
@@ -73,6 +75,8 @@ SHORTCUTS = {
     "epochs": "optim.epochs",
     "lr": "optim.lr",
     "alpha": "bsq.alpha",
+    "target": "fracbits.target",
+    "bits": "qat.bits",
     "seed": "seed",
     "device": "device",
     "tracking_uri": "tracking.uri",
@@ -162,6 +166,8 @@ def _run_stage(args: argparse.Namespace) -> None:
         inputs["import_checkpoint"] = args.import_checkpoint
     if getattr(args, "scheme", None):
         inputs["scheme"] = args.scheme
+    if getattr(args, "budget", None):
+        inputs["budget"] = args.budget
     outputs: dict[str, Any] = dict(default_outputs(args.command, args.out_dir)) if args.out_dir else {}
     outputs.update(_pairs(args.output, "--output"))
     extra = {"weight_bits": args.weight_bits} if args.command == "evaluate" else {}
@@ -197,6 +203,11 @@ def _add_stage(sub, stage: str, help_text: str) -> None:
         p.add_argument("--scheme", help="scheme.json: finetune a float checkpoint at these precisions (scratch)")
     if stage == "evaluate":
         p.add_argument("--weight-bits", type=int, help="quantize an official float checkpoint to N bits first")
+    if stage == "fracbits":
+        p.add_argument("--budget", help="metrics.json of a BSQ run: match its cost (fracbits.match, compression)")
+        p.add_argument("--target", type=float, help="fracbits.target, in MB (cost: size) or GBitOPs (cost: bitops)")
+    if stage == "uniform":
+        p.add_argument("--bits", type=int, help="qat.bits: weight bits of every layer but the first and the last")
     p.set_defaults(func=_run_stage)
 
 
@@ -223,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage(sub, "prune", "final re-quantization: scheme.json and the pruned bit model")
     _add_stage(sub, "finetune", "train with the scheme fixed; best model in bit and float form")
     _add_stage(sub, "evaluate", "top-1/top-5, bits, compression, size, BitOPs of any checkpoint")
+    _add_stage(sub, "fracbits", "FracBits baseline: fractional bits to a cost target, hard assignment, finetune")
+    _add_stage(sub, "uniform", "uniform-precision QAT baseline (DoReFa weights, PACT activations)")
     return parser
 
 

@@ -1,4 +1,5 @@
-"""Typed, validated configuration of one stage run (pretrain, search, prune, finetune, evaluate).
+"""Typed, validated configuration of one stage run (pretrain, search, prune, finetune, evaluate, and the
+FracBits and uniform-QAT baselines).
 
 A stage config is plain data (a nested dict from YAML, JSON or Snakemake) turned into dataclasses here, so a typo
 or a wrong value fails before anything runs, with the key and the fix in the message. Optimiser defaults are the
@@ -23,13 +24,15 @@ __all__ = [
     "OptimConfig",
     "QuantConfig",
     "BSQConfig",
+    "FracBitsConfig",
+    "QATConfig",
     "TrackingConfig",
     "StageConfig",
     "load_stage_config",
     "config_to_dict",
 ]
 
-STAGES = ("pretrain", "search", "prune", "finetune", "evaluate")
+STAGES = ("pretrain", "search", "prune", "finetune", "evaluate", "fracbits", "uniform")
 
 # Paper recipes (spec §8.1): FP pretrain 350 ep (x0.1 at 150/250/325), BSQ 350 ep (x0.1 at 250),
 # finetune 300 ep from lr 0.01 (x0.1 at 150/250). Prune and evaluate do not train.
@@ -39,6 +42,25 @@ RECIPES: dict[str, dict[str, Any]] = {
     "finetune": {"epochs": 300, "lr": 0.01, "milestones": [150, 250]},
     "prune": {"epochs": 0},
     "evaluate": {"epochs": 0},
+    # FracBits' official optimiser (fracbits.md §1.9: SGD Nesterov, lr 0.05 cosine, wd 4e-5 on conv/fc weights only)
+    # with the spec's CIFAR length (§1.11: 200 epochs, hard assignment after epoch index 160). The uniform QAT
+    # baseline trains with the same recipe, so both baselines get the same budget of epochs.
+    "fracbits": {
+        "epochs": 200,
+        "lr": 0.05,
+        "schedule": "cosine",
+        "nesterov": True,
+        "weight_decay": 4e-5,
+        "weight_decay_on": "weights",
+    },
+    "uniform": {
+        "epochs": 200,
+        "lr": 0.05,
+        "schedule": "cosine",
+        "nesterov": True,
+        "weight_decay": 4e-5,
+        "weight_decay_on": "weights",
+    },
 }
 
 
@@ -87,9 +109,13 @@ class OptimConfig:
     schedule: str = "multistep"  # multistep | cosine | constant
     milestones: list[int] = field(default_factory=list)  # epochs where lr *= gamma (multistep)
     gamma: float = 0.1
+    weight_decay_on: str = "all"  # all (BSQ: every parameter, bits included) | weights (FracBits: conv/fc weights)
 
     def __post_init__(self) -> None:
         _require(_is_int(self.epochs) and self.epochs >= 0, "optim.epochs", "an integer >= 0", self.epochs)
+        _require(
+            self.weight_decay_on in ("all", "weights"), "optim.weight_decay_on", "all or weights", self.weight_decay_on
+        )
         _require(_is_number(self.lr) and self.lr > 0, "optim.lr", "a number > 0", self.lr)
         _require(_is_number(self.momentum) and 0 <= self.momentum < 1, "optim.momentum", "in [0, 1)", self.momentum)
         _require(
@@ -194,6 +220,120 @@ class BSQConfig:
         return float(self.alpha)
 
 
+def _bit_range(value: Any, key: str, allow_zero: bool = False) -> list[int]:
+    low = 0 if allow_zero else 1
+    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) for v in value)
+    _require(
+        ok and low <= value[0] <= value[1] <= 16, key, f"[min, max] integer bits, {low} <= min <= max <= 16", value
+    )
+    return list(value)
+
+
+@dataclass
+class FracBitsConfig:
+    """FracBits' search (fracbits.md §1.3-1.8): fractional bit-widths pulled to a cost target, then a hard
+    assignment and a finetune in the same run. Defaults: the weight-only size search that compares with BSQ on
+    CIFAR (activations fixed at model.act_bits), kappa 1, the official +0.5 initialisation and 80 % search."""
+
+    cost: str = "size"  # size (MB, weight-only) | bitops (G, weights and activations)
+    target: float | None = None  # in the cost's unit; None = from the `budget` input (a BSQ run) via `match`
+    match: str = "compression"  # with a budget input: match its compression | size (MB) | bitops (G)
+    kappa: float = 1.0
+    normalize: bool = True  # kappa |C/C_t - 1| (our deviation for CIFAR, §1.6); false = official kappa |C - C_t|
+    granularity: str = "layer"  # layer | kernel (one weight bit-width per output kernel, §1.8)
+    w_bits: list[int] = field(default_factory=lambda: [1, 8])  # searched weight range [min, max]
+    a_bits: list[int] | None = None  # searched activation range; None = fixed at model.act_bits
+    prune_channels: bool = False  # allow 0-bit kernels (w_bits min 0): pruning through FracBits (§1.8)
+    init_bits: float | None = None  # None = uniform-equivalent bits of the target + 0.5 (the official configs)
+    search_epochs: int | None = None  # None = int(0.8 * epochs) + 1 (the official 121 of 150), < epochs
+    tolerance: float = 0.01  # the rounded policy must cost within 1 % of the target
+    bisection_trials: int = 10
+
+    def __post_init__(self) -> None:
+        _require(self.cost in ("size", "bitops"), "fracbits.cost", "size or bitops", self.cost)
+        _require(
+            self.match in ("compression", "size", "bitops"), "fracbits.match", "compression, size or bitops", self.match
+        )
+        _require(
+            self.target is None or (_is_number(self.target) and self.target > 0),
+            "fracbits.target",
+            "null or > 0",
+            self.target,
+        )
+        _require(_is_number(self.kappa) and self.kappa > 0, "fracbits.kappa", "a number > 0", self.kappa)
+        for key in ("normalize", "prune_channels"):
+            _require(isinstance(getattr(self, key), bool), f"fracbits.{key}", "true or false", getattr(self, key))
+        _require(self.granularity in ("layer", "kernel"), "fracbits.granularity", "layer or kernel", self.granularity)
+        self.w_bits = _bit_range(self.w_bits, "fracbits.w_bits", allow_zero=True)
+        if self.w_bits[0] == 0 and not self.prune_channels:
+            raise BSQError("fracbits.w_bits min 0 prunes kernels: set fracbits.prune_channels: true to allow it")
+        if self.prune_channels:
+            self.w_bits[0] = 0
+        if self.a_bits is not None:
+            self.a_bits = _bit_range(self.a_bits, "fracbits.a_bits")
+        _require(
+            self.init_bits is None or (_is_number(self.init_bits) and 0 <= self.init_bits <= 16),
+            "fracbits.init_bits",
+            "null or a number of bits",
+            self.init_bits,
+        )
+        _require(
+            self.search_epochs is None or (_is_int(self.search_epochs) and self.search_epochs >= 0),
+            "fracbits.search_epochs",
+            "null or an integer >= 0",
+            self.search_epochs,
+        )
+        _require(
+            _is_number(self.tolerance) and 0 < self.tolerance < 1, "fracbits.tolerance", "in (0, 1)", self.tolerance
+        )
+        _require(
+            _is_int(self.bisection_trials) and self.bisection_trials >= 1,
+            "fracbits.bisection_trials",
+            "an integer >= 1",
+            self.bisection_trials,
+        )
+
+    def search_epochs_of(self, epochs: int) -> int:
+        """Epochs with fractional bits before the hard assignment (the rest finetune the fixed policy). Default:
+        int(0.8 E) + 1, the official 121 of 150, but always leaving at least one finetune epoch."""
+        if epochs < 2:
+            raise BSQError(f"FracBits needs optim.epochs >= 2 (search, then finetune), got {epochs}")
+        n = min(int(0.8 * epochs) + 1, epochs - 1) if self.search_epochs is None else self.search_epochs
+        if not 0 <= n < epochs:
+            raise BSQError(
+                f"fracbits.search_epochs={n} leaves no finetune epoch of optim.epochs={epochs}; use fewer search "
+                "epochs or more epochs"
+            )
+        return n
+
+
+@dataclass
+class QATConfig:
+    """Quantizers of the FracBits and uniform-QAT baselines (fracbits.md §1.4-1.5): DoReFa weights, PACT inputs."""
+
+    variant: str = "sat"  # sat (the authors' default: calibrated PACT gradient + last-layer rescale) | pact
+    fixed_bits: int = 8  # weights of the first conv and the last linear (and the first conv's 8-bit image input)
+    quantize_shortcuts: bool = True  # FracBits searches the 1x1 shortcut convs too
+    bits: int = 4  # uniform QAT: weight bits of every other layer
+    # uniform QAT: activation bits; null = model.act_bits (the activations BSQ and FracBits get), "same" = `bits`
+    # (the WbAb rows of the PACT / DoReFa / SAT papers), or an integer
+    act_bits: int | str | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.variant in ("sat", "pact"), "qat.variant", "sat or pact", self.variant)
+        ok = self.act_bits is None or self.act_bits == "same" or (_is_int(self.act_bits) and 1 <= self.act_bits <= 32)
+        _require(ok, "qat.act_bits", 'null, "same" or an integer in 1..32', self.act_bits)
+        for key in ("fixed_bits", "bits"):
+            value = getattr(self, key)
+            _require(_is_int(value) and 1 <= value <= 16, f"qat.{key}", "an integer in 1..16", value)
+        _require(
+            isinstance(self.quantize_shortcuts, bool),
+            "qat.quantize_shortcuts",
+            "true or false",
+            self.quantize_shortcuts,
+        )
+
+
 @dataclass
 class TrackingConfig:
     """MLflow: one run per stage job; default store is local SQLite under results/ (no server)."""
@@ -219,7 +359,7 @@ class StageConfig:
     can serve a whole pipeline."""
 
     stage: str = "pretrain"
-    method: str = "bsq"  # label of the method in tables and MLflow tags
+    method: str | None = None  # label in tables and MLflow tags; None = the stage's own, or its input's (bsq)
     # Extra labels carried to every downstream run and table row, e.g. {variant: scratch, alpha: 5e-3} for the
     # train-from-scratch baseline, whose float parent knows no alpha.
     labels: dict[str, str] = field(default_factory=dict)
@@ -231,11 +371,18 @@ class StageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     bsq: BSQConfig = field(default_factory=BSQConfig)
+    fracbits: FracBitsConfig = field(default_factory=FracBitsConfig)
+    qat: QATConfig = field(default_factory=QATConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         _require(self.stage in STAGES, "stage", f"one of {', '.join(STAGES)}", self.stage)
-        _require(isinstance(self.method, str) and self.method, "method", "a non-empty string", self.method)
+        _require(
+            self.method is None or (isinstance(self.method, str) and self.method),
+            "method",
+            "null or a non-empty string",
+            self.method,
+        )
         _require(isinstance(self.labels, Mapping), "labels", "a mapping of strings", self.labels)
         self.labels = {str(k): str(v) for k, v in self.labels.items()}
         _require(_is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
@@ -254,6 +401,8 @@ SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "quant": QuantConfig,
     "bsq": BSQConfig,
+    "fracbits": FracBitsConfig,
+    "qat": QATConfig,
     "tracking": TrackingConfig,
 }
 

@@ -113,13 +113,34 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+def _decayed(model: nn.Module) -> set[int]:
+    """ids of the conv / linear weights that are not depthwise: FracBits' weight-decay set (fracbits.md §1.9)."""
+    out = set()
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and not (
+            isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+        ):
+            out.add(id(module.weight))
+    return out
+
+
 def make_optimizer(model: nn.Module, optim: OptimConfig, lr: float | None = None) -> torch.optim.SGD:
-    """SGD over all parameters with one weight decay, as the official scripts (bits and scales included, P18)."""
+    """SGD with momentum. `weight_decay_on: all` decays every parameter, as BSQ's scripts (bits and scales
+    included, P18); `weights` only the non-depthwise conv / linear weights, as FracBits' (bit-widths, PACT clips,
+    BN and biases undecayed)."""
+    params = list(model.parameters())
+    if optim.weight_decay_on == "weights":
+        decayed = _decayed(model)
+        groups = [
+            {"params": [p for p in params if id(p) in decayed], "weight_decay": optim.weight_decay},
+            {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
+        ]
+    else:
+        groups = [{"params": params, "weight_decay": optim.weight_decay}]
     return torch.optim.SGD(
-        model.parameters(),
+        [g for g in groups if g["params"]],
         lr=optim.lr if lr is None else lr,
         momentum=optim.momentum,
-        weight_decay=optim.weight_decay,
         nesterov=optim.nesterov,
     )
 
@@ -217,12 +238,14 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, progress:
 
 @dataclass
 class Hooks:
-    """Stage-specific steps of the loop. `on_epoch_start(epoch)` returns (metrics, reset_optimizer): the search
-    re-quantizes there and asks for a fresh optimizer (shapes change; the official code resets it, spec P9)."""
+    """Stage-specific steps of the loop. `on_epoch_start(epoch)` returns (metrics, action): None, "rewrap" (which
+    parameters train changed: wrap the model for DDP again, keep the optimizer and its momentum; FracBits' hard
+    assignment) or "reset" (a fresh optimizer too: BSQ's re-quantization changes shapes and the official code
+    resets it, spec P9)."""
 
     after_backward: Callable[[nn.Module], torch.Tensor | None] | None = None
     after_step: Callable[[nn.Module], None] | None = None
-    on_epoch_start: Callable[[int, nn.Module], tuple[dict[str, float], bool]] | None = None
+    on_epoch_start: Callable[[int, nn.Module], tuple[dict[str, float], str | None]] | None = None
     epoch_metrics: Callable[[nn.Module], dict[str, float]] | None = None
 
 
@@ -231,6 +254,7 @@ class FitResult:
     model: nn.Module
     history: list[dict[str, float]]
     best: dict[str, float]  # the row of the best test-top-1 epoch (bearpaw-style selection on the test set, P14)
+    # among epochs >= Trainer.best_after; empty when no epoch qualifies
     best_state: dict[str, torch.Tensor] | None  # state_dict of that epoch when keep_best
 
 
@@ -251,6 +275,7 @@ class Trainer:
         log_metrics: Callable[[dict[str, float], int], None] | None = None,
         save_resume: Callable[[nn.Module, dict[str, Any]], None] | None = None,
         keep_best: bool = False,
+        best_after: int = 0,
         progress: bool = False,
         resume: dict[str, Any] | None = None,
     ) -> None:
@@ -261,6 +286,7 @@ class Trainer:
         self.log_metrics = log_metrics or (lambda metrics, step: None)
         self.save_resume = save_resume
         self.keep_best, self.progress = keep_best, progress
+        self.best_after = best_after  # epochs before it are not candidates (FracBits: only discrete models count)
         self.optimizer = make_optimizer(model, optim)
         self.start_epoch = 0
         self.history: list[dict[str, float]] = []
@@ -303,10 +329,13 @@ class Trainer:
             lr = self.optim.lr_at(epoch)
             row: dict[str, float] = {"epoch": epoch, "lr": lr}
             if hooks.on_epoch_start is not None:
-                metrics, reset = hooks.on_epoch_start(epoch, model)
+                metrics, action = hooks.on_epoch_start(epoch, model)
                 row.update(metrics)
-                if reset:
+                if action not in (None, "rewrap", "reset"):
+                    raise ValueError(f"on_epoch_start must return None, 'rewrap' or 'reset', got {action!r}")
+                if action == "reset":
                     self.optimizer = make_optimizer(model, self.optim, lr)
+                if action is not None:
                     wrapped = self.dist.wrap(model)
             set_lr(self.optimizer, lr)
             self.train_loader.set_epoch(epoch)
@@ -330,7 +359,7 @@ class Trainer:
             row.update({f"test_{k}": v for k, v in test.items()})
             if hooks.epoch_metrics is not None:
                 row.update(hooks.epoch_metrics(model))
-            if not self.best or test["top1"] > self.best["test_top1"]:
+            if epoch >= self.best_after and (not self.best or test["top1"] > self.best["test_top1"]):
                 self.best = dict(row)
                 if self.keep_best:
                     self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -22,6 +22,8 @@ OUTPUTS = {
     "prune": ("checkpoint", "scheme", "layers", "metrics", "run"),
     "finetune": ("checkpoint", "float_checkpoint", "metrics", "history", "run"),
     "evaluate": ("metrics", "layers", "run"),
+    "fracbits": ("checkpoint", "scheme", "metrics", "history", "run"),
+    "uniform": ("checkpoint", "scheme", "metrics", "history", "run"),
 }
 
 

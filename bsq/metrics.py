@@ -3,6 +3,9 @@
 - TP / TB count only *counted* quantized tensors (not BN, not FP shortcuts, not the per-layer scales);
   all-zero tensors cost 0 bits (spec P15). Compression = 32 TP / TB; average bits = TB / TP.
 - BitOPs = 1e-9 sum_l MACs_l * w_bits_l * a_bits_l, the FracBits / HAWQ-V3 definition.
+- The same tables serve BSQ bit layers and the FracBits / uniform-QAT layers (`bsq.quant.frac`): each method
+  counts bits its own way (BSQ: magnitude bits, the sign free; DoReFa: 2^k levels, sign included, fracbits.md
+  §1.11), and a FracBits layer's float bias counts 32 bits (FracBits' size formula).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from torch import nn
 from bsq.quant import bits as B
 from bsq.quant.act import ActQuant
 from bsq.quant.convert import bit_layers
+from bsq.quant.frac import FracLayer, frac_layers
 from bsq.quant.layers import BitConv2d, BitLayer, BitLinear
 
 __all__ = [
@@ -48,7 +52,25 @@ def layer_table(model: nn.Module) -> pd.DataFrame:
                     "ones_pct": [round(z, 2) for z in ones],
                 }
             )
-    return pd.DataFrame(rows, columns=["layer", "params", "nbits", "bits", "counted", "scale", "ones_pct"])
+    for name, layer in frac_layers(model):
+        bits = layer.weight_bits()  # mean over kernels when kernel-wise
+        rows.append(_frac_row(name, layer.weight.numel(), bits, layer.input_bits()))
+        if layer.bias is not None:
+            rows.append(_frac_row(f"{name}.bias", layer.bias.numel(), FLOAT_BITS, None))
+    return pd.DataFrame(rows, columns=["layer", "params", "nbits", "bits", "counted", "scale", "ones_pct", "a_bits"])
+
+
+def _frac_row(key: str, params: int, bits: float, a_bits: float | None) -> dict:
+    return {
+        "layer": key,
+        "params": params,
+        "nbits": bits,
+        "bits": bits,
+        "counted": True,
+        "scale": float("nan"),  # DoReFa has no weight scale (BN absorbs it)
+        "ones_pct": [],
+        "a_bits": a_bits,
+    }
 
 
 def summary(model: nn.Module) -> dict[str, float]:
@@ -56,7 +78,7 @@ def summary(model: nn.Module) -> dict[str, float]:
     table = layer_table(model)
     counted = table[table["counted"]]
     tp = int(counted["params"].sum())
-    tb = int((counted["params"] * counted["bits"]).sum())
+    tb = int(round(float((counted["params"] * counted["bits"]).sum())))
     uncounted_float = sum(p.numel() for n, p in model.named_parameters() if not _is_quantized_param(model, n)) + sum(
         b.numel() for b in model.buffers() if b.is_floating_point()
     )
@@ -105,6 +127,8 @@ def projected_bits(model: nn.Module, maxbit: int = 8) -> dict[str, float]:
 def _is_quantized_param(model: nn.Module, param_name: str) -> bool:
     module_name, _, leaf = param_name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
+    if isinstance(module, FracLayer):
+        return leaf in ("weight", "bias")
     return isinstance(module, BitLayer) and leaf in ("pweight", "nweight", "pbias", "nbias", "weight", "bias")
 
 
@@ -168,8 +192,9 @@ def model_bitops_g(model: nn.Module, input_size: tuple[int, ...], input_bits: in
     """BitOPs of a (bit-form or float) model: weight bits from its bit layers (float layers 32), input
     activation bits traced from the `ActQuant` that produced each layer's input. The image counts as
     `input_bits` (8, the FracBits convention); inputs no quantizer produced (pooled features, an unquantized
-    stem) count as 32."""
+    stem) count as 32. A FracBits / uniform-QAT layer quantizes its own input: its input bits are its own."""
     w_bits = {n: layer.effective_bits("weight") for n, layer in bit_layers(model)}
+    w_bits.update({n: layer.weight_bits() for n, layer in frac_layers(model)})
     # id -> (bits, tensor): holding the tensor keeps its id from being reused by a later tensor.
     produced: dict[int, tuple[int, torch.Tensor]] = {}
     a_bits: dict[str, float] = {}
@@ -180,7 +205,8 @@ def model_bitops_g(model: nn.Module, input_size: tuple[int, ...], input_bits: in
             produced[id(out)] = (mod.bits, out)
 
     def pre_hook(mod, inp, name):
-        a_bits[name] = produced.get(id(inp[0]), (FLOAT_BITS, None))[0]
+        own = mod.input_bits() if isinstance(mod, FracLayer) else None
+        a_bits[name] = own if own is not None else produced.get(id(inp[0]), (FLOAT_BITS, None))[0]
 
     for name, m in model.named_modules():
         if isinstance(m, ActQuant):

@@ -205,16 +205,20 @@ class Session:
         return ckpt
 
     # ---- tracking ------------------------------------------------------------------------------------------
-    def open_run(self, parent: dict[str, Any] | None = None, **labels: Any):
-        """Start (or, when resuming, reopen) this job's MLflow run; labels and lineage extend the parent's."""
+    def open_run(self, parent: dict[str, Any] | None = None, method: str | None = None, **labels: Any):
+        """Start (or, when resuming, reopen) this job's MLflow run; labels and lineage extend the parent's.
+
+        The method label is the config's `method` when set, else the stage's own (`method`: fracbits, uniform),
+        else the parent's (so prune, finetune and evaluate keep the label of what they continue), else bsq."""
         from bsq.tracking import Tracker
 
         cfg = self.cfg
+        inherited = (parent or {}).get("labels", {})
         self.labels = {
-            **(parent or {}).get("labels", {}),
+            **inherited,
             "dataset": cfg.data.name,
             "arch": cfg.model.arch,
-            "method": cfg.method,
+            "method": cfg.method or method or inherited.get("method") or "bsq",
             "seed": cfg.seed,
             **cfg.labels,
             **{k: v for k, v in labels.items() if v is not None},
@@ -277,7 +281,13 @@ class Session:
         return ckpt
 
     def trainer(
-        self, model: nn.Module, loaders: Loaders, tracker: Any, hooks: Hooks | None = None, keep_best: bool = False
+        self,
+        model: nn.Module,
+        loaders: Loaders,
+        tracker: Any,
+        hooks: Hooks | None = None,
+        keep_best: bool = False,
+        best_after: int = 0,
     ) -> Trainer:
         """The shared training loop wired to this job: its recipe, seed, devices, MLflow run and resume file."""
         return Trainer(
@@ -291,6 +301,7 @@ class Session:
             log_metrics=tracker.log_metrics,
             save_resume=self.save_resume,
             keep_best=keep_best,
+            best_after=best_after,
             progress=self.progress,
             resume=self.resume,
         )

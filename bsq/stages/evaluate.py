@@ -78,6 +78,13 @@ def run(
         return s.finish(metrics)
 
 
-def model_act_bits(s: Session, parent: dict[str, Any] | None) -> int | None:
+def model_act_bits(s: Session, parent: dict[str, Any] | None) -> int | str | None:
+    """Activation bits of the table's "A bits" column: the model's quantizer bits (None = float), for FracBits /
+    uniform-QAT models the input bits of their policy ("MP" when searched per layer)."""
+    if parent is not None and parent["form"] == "frac":
+        a_bits = (parent.get("policy") or {}).get("a_bits")
+        if a_bits is None:
+            return None
+        return int(a_bits[0]) if a_bits[0] == a_bits[1] else "MP"
     args = parent["model"] if parent else s.model_args
     return args.get("act_bits")

@@ -54,13 +54,13 @@ def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outp
             s.start_metrics.update(initial_top1=start["top1"], initial_penalty=bit_penalty(model).item())
             tracker.log_metrics(s.start_metrics, step=0)
 
-        def requantize(epoch: int, m: nn.Module) -> tuple[dict[str, float], bool]:
+        def requantize(epoch: int, m: nn.Module) -> tuple[dict[str, float], str | None]:
             if epoch % b.requant_interval:
-                return {}, False
+                return {}, None
             before = trainer.history[-1]["test_top1"] if trainer.history else s.start_metrics["initial_top1"]
             requantize_model(m, cfg.quant.maxbit, b.threshold)
             after = evaluate(m, loaders.test, s.device, s.progress)["top1"]
-            return {"requant_top1_before": before, "requant_top1_after": after}, True
+            return {"requant_top1_before": before, "requant_top1_after": after}, "reset"
 
         def epoch_metrics(m: nn.Module) -> dict[str, float]:
             current = summary(m)
