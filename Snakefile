@@ -1,5 +1,5 @@
 # bsq-repro: pretrain -> BSQ search (per alpha x seed) -> prune -> finetune / train from scratch -> evaluate ->
-# aggregate. Rules live in workflow/rules/*.smk and call the `bsq` CLI; the algorithms live in the `bsq` library.
+# aggregate, with FracBits (at each BSQ run's cost) and uniform QAT from the same float model. Rules live in workflow/rules/*.smk and call the `bsq` CLI; the algorithms live in the `bsq` library.
 # Run: `snakemake --cores N` (config/config.yaml), add `--configfile config/experiments/<name>.yaml` for a paper
 # recipe, or `--profile workflow/profiles/slurm` on a cluster.
 from snakemake.utils import min_version
@@ -13,6 +13,7 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/bsq.smk"
+include: "workflow/rules/baselines.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/inspect.smk"

@@ -125,7 +125,64 @@ def test_write_report_writes_every_output(tmp_path):
         n: tmp_path / "out" / (f"{n}.png" if n in ("pareto", "layer_bits", "search_curves") else f"{n}.x")
         for n in names
     }
-    summary = write_report([(evaluation, pruned)], {"5e-3": history}, {"5e-3": scheme}, BASELINES, outputs, "t")
-    assert summary.iloc[0]["top1_before_ft"] == 85.5
+    trained = tmp_path / "finetune.json"
+    trained.write_text(json.dumps({"final_top1": 90.5}))
+    summary = write_report(
+        [{"eval": evaluation, "prune": pruned, "train": trained}],
+        {"5e-3": history},
+        {"bsq/alpha-5e-3": scheme},
+        BASELINES,
+        outputs,
+        "t",
+    )
+    assert summary.iloc[0]["top1_before_ft"] == 85.5 and summary.iloc[0]["top1_final"] == 90.5
     for name in names:
         assert outputs[name].stat().st_size > 0, name
+
+
+def _method_record(tmp_path, name, method, top1, compression, seed=1, **labels):
+    path = _metrics(tmp_path, name, top1, seed)
+    record = json.loads(path.read_text())
+    record["labels"] = {**record["labels"], "method": method, **labels}
+    if method == "uniform" or "target" in labels:  # only BSQ and the matched FracBits runs have an alpha
+        record["labels"].pop("alpha")
+    record["compression"] = compression
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_three_methods_side_by_side_with_their_settings(tmp_path):
+    """BSQ per alpha, FracBits at a BSQ alpha's budget (its own before-FT accuracy and budget check) or at an
+    explicit target, uniform QAT per bit-width: one row each, in paper order, labelled with their setting."""
+    fb_train = tmp_path / "fb_train.json"
+    fb_train.write_text(
+        json.dumps({"final_top1": 89.0, "top1_before_ft": 70.0, "hard_cost_rel_error": 0.004, "budget_met": True})
+    )
+    missed = tmp_path / "missed.json"
+    missed.write_text(json.dumps({"final_top1": 50.0, "hard_cost_rel_error": 0.35, "budget_met": False}))
+    records = [
+        run_record(_method_record(tmp_path, "u4", "uniform", 90.0, 7.8, bits=4)),
+        run_record(_method_record(tmp_path, "u2", "uniform", 88.0, 15.0, bits=2)),
+        run_record(_method_record(tmp_path, "fb", "fracbits", 90.5, 14.2), train_metrics=fb_train),
+        run_record(_method_record(tmp_path, "fbt", "fracbits", 60.0, 30.0, target="0.05", cost="size"), None, missed),
+        run_record(_method_record(tmp_path, "bsq", "bsq", 91.0, 14.24)),
+    ]
+    summary = summarize(collect_runs(records))
+    assert list(zip(summary["method"], summary["setting"], strict=True)) == [
+        ("bsq", "5e-3"),
+        ("fracbits", "5e-3"),
+        ("fracbits", "0.05 MB"),
+        ("uniform", "W2"),
+        ("uniform", "W4"),
+    ]
+    fb = summary.iloc[1]
+    assert fb["top1_before_ft"] == 70.0 and fb["top1_final"] == 89.0 and bool(fb["budget_met"])
+    table = comparison_table(summary, None)
+    assert list(table["Method"]) == [
+        "BSQ (alpha=5e-3)",
+        "FracBits (cost of BSQ alpha=5e-3)",
+        "FracBits (0.05 MB) [budget missed: +35.0 %]",
+        "Uniform QAT (W2)",
+        "Uniform QAT (W4)",
+    ]
+    assert table.iloc[3]["W bits"].startswith("2 (") and table.iloc[1]["W bits"].startswith("MP (")

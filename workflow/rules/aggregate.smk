@@ -14,8 +14,8 @@ rule aggregate:
         search_curves=report(PLOTS["search_curves"], caption="../report/search_curves.rst", category="Plots"),
     params:
         evaluations=evaluations(),
-        alphas=config["alphas"],
-        first_seed=config["seeds"][0],
+        alphas=ALPHAS,
+        schemes=list(scheme_files()),
         title=f"{NAME}: {config['dataset']} / {config['arch']}",
         tracking={
             "enabled": config["mlflow"],

@@ -16,7 +16,7 @@ rule bsq_search:
         f"{BENCH}/bsq_search/alpha-{{alpha}}/seed-{{seed}}.tsv"
     conda:
         "../../environment.yml"
-    threads: 4
+    threads: config["threads"]
     resources:
         mem_mb=config["mem_mb"],
         runtime=RUNTIME["search"],
@@ -44,7 +44,7 @@ rule prune:
         f"{BENCH}/prune/alpha-{{alpha}}/seed-{{seed}}.tsv"
     conda:
         "../../environment.yml"
-    threads: 2
+    threads: EVAL_THREADS
     resources:
         mem_mb=config["mem_mb"],
         runtime=RUNTIME["evaluate"],
@@ -72,7 +72,7 @@ rule finetune:
         f"{BENCH}/finetune/alpha-{{alpha}}/seed-{{seed}}.tsv"
     conda:
         "../../environment.yml"
-    threads: 4
+    threads: config["threads"]
     resources:
         mem_mb=config["mem_mb"],
         runtime=RUNTIME["finetune"],
@@ -101,7 +101,7 @@ rule train_from_scratch:
         f"{BENCH}/train_from_scratch/alpha-{{alpha}}/seed-{{seed}}.tsv"
     conda:
         "../../environment.yml"
-    threads: 4
+    threads: config["threads"]
     resources:
         mem_mb=config["mem_mb"],
         runtime=RUNTIME["finetune"],

@@ -27,18 +27,43 @@ if BASELINES is None:
 validate(BASELINES, schema="../schemas/published_baselines.schema.yaml", set_default=False)
 
 config["seeds"] = [int(seed) for seed in config["seeds"]]  # `--config seeds=[1,2]` arrives as strings
+config["uniform_bits"] = [int(bits) for bits in config["uniform_bits"]]
+METHODS = config["methods"]
+ALPHAS = config["alphas"] if "bsq" in METHODS else []
+FRACBITS = config["fracbits"]
 NAME = config["name"]
 RUNS = f"results/{NAME}/{config['dataset']}/{config['arch']}"
 LOGS = f"logs/{NAME}/{config['dataset']}/{config['arch']}"
 BENCH = f"benchmarks/logs/{NAME}/{config['dataset']}/{config['arch']}"
 VARIANTS = ["finetune", "scratch"] if config["train_from_scratch"] else ["finetune"]
-RUNTIME = {"pretrain": 60, "search": 60, "finetune": 60, "evaluate": 15, **config.get("runtime", {})}
+EVAL_THREADS = max(1, config["threads"] // 2)  # prune / evaluate: one pass over the test set
+RUNTIME = {"pretrain": 60, "search": 60, "finetune": 60, "evaluate": 15, "fracbits": 60, "uniform": 60}
+RUNTIME.update(config.get("runtime", {}))
+
+
+def method_points(method):
+    """The settings a method runs at, as path components: BSQ one per alpha; FracBits one per BSQ alpha (its
+    budget matched to that run) plus one per explicit target; uniform QAT one per bit-width."""
+    if method == "bsq":
+        return [f"alpha-{a}" for a in ALPHAS]
+    if method == "fracbits":
+        matched = [f"alpha-{a}" for a in ALPHAS] if FRACBITS["match"] else []
+        return matched + [f"target-{t}" for t in FRACBITS["targets"]]
+    return [f"bits-{b}" for b in config["uniform_bits"]]
+
+
+def _alternatives(values):
+    return "|".join(map(re.escape, values)) or "(?!)"  # (?!) matches nothing: no such run in this config
 
 
 wildcard_constraints:
-    alpha="|".join(map(re.escape, config["alphas"])),
+    alpha=_alternatives(config["alphas"]),
     seed=r"\d+",
     variant="finetune|scratch",
+    method="bsq|fracbits|uniform",
+    point=_alternatives(sorted({p for m in METHODS for p in method_points(m)})),
+    target=_alternatives(FRACBITS["targets"]),
+    bits=r"\d+",
 
 
 # ---- input checks that need more than the schema: fail before any job, naming the key and the fix ----------------
@@ -46,6 +71,13 @@ def check_inputs():
     alphas = [float(a) for a in config["alphas"]]
     if min(alphas) <= 0:
         raise ValueError(f"alphas must all be > 0, got {config['alphas']}; alpha = 0 is no BSQ (use uniform QAT)")
+    if "fracbits" in METHODS and not method_points("fracbits"):
+        raise ValueError(
+            "methods has fracbits but nothing sets its targets: keep bsq in methods with fracbits.match (one FracBits "
+            "run per alpha at that run's cost), or give fracbits.targets"
+        )
+    if "uniform" in METHODS and not config["uniform_bits"]:
+        raise ValueError("methods has uniform but uniform_bits is empty; give the bit-widths, e.g. [2, 3, 4, 8]")
     root = config["data_root"]
     if config["dataset"] != "digits" and root is None:
         raise ValueError(f"data_root is required for dataset {config['dataset']}: --config data_root=/path/to/data")
@@ -60,8 +92,13 @@ def check_inputs():
             raise ValueError(f"data_root: {root} lacks {missing}; ImageNet needs train/ and val/ class folders")
     if config["pretrained"] is not None and not Path(config["pretrained"]).is_file():
         raise ValueError(f"pretrained: {config['pretrained']} not found; give a float checkpoint or null to pretrain")
+    seed = config["seeds"][0]
     for stage in ("pretrain", "search", "prune", "finetune", "evaluate"):
-        stage_config(stage, alpha=config["alphas"][0], seed=config["seeds"][0], validate_only=True)
+        stage_config(stage, alpha=config["alphas"][0], seed=seed, validate_only=True)
+    for point in method_points("fracbits") if "fracbits" in METHODS else []:
+        stage_config("fracbits", seed=seed, point=point, validate_only=True)
+    for bits in config["uniform_bits"] if "uniform" in METHODS else []:
+        stage_config("uniform", seed=seed, point=f"bits-{bits}", validate_only=True)
 
 
 # ---- stage configs: the recipe overrides of config.stages on top of the library's paper defaults --------------
@@ -72,7 +109,7 @@ def _merge(base, extra):
     return out
 
 
-def stage_config(stage, alpha=None, seed=1, variant=None, validate_only=False):
+def stage_config(stage, alpha=None, seed=1, variant=None, point=None, validate_only=False):
     """The resolved bsq stage config of one job (JSON-ready); checked by bsq.config at parse time."""
     stages = config.get("stages", {})
     base = {
@@ -91,7 +128,14 @@ def stage_config(stage, alpha=None, seed=1, variant=None, validate_only=False):
     cfg = _merge(_merge(base, stages.get("common", {})), stages.get(stage, {}))  # prune has no recipe of its own
     if stage == "search":
         cfg = _merge(cfg, {"bsq": {"alpha": alpha}})
-    if variant == "scratch":
+    if stage == "fracbits" and point.startswith("alpha-"):  # the target comes from the BSQ run's metrics
+        match = FRACBITS["match"]
+        cfg = _merge(cfg, {"fracbits": {"match": match, "cost": "bitops" if match == "bitops" else "size"}})
+    elif stage == "fracbits":
+        cfg = _merge(cfg, {"fracbits": {"target": float(point.removeprefix("target-"))}})
+    if stage == "uniform":
+        cfg = _merge(cfg, {"qat": {"bits": int(point.removeprefix("bits-"))}})
+    if variant == "scratch" and stage == "finetune":  # its evaluation inherits the labels from the checkpoint
         cfg["labels"] = {"variant": "scratch", "alpha": alpha}
     if validate_only:
         from bsq.config import load_stage_config
@@ -108,8 +152,10 @@ def stage_args(stage, variant=None):
     """Params function: the job's stage config as one shell-quoted JSON argument."""
 
     def args(wildcards):
-        alpha, seed = wildcards.get("alpha"), wildcards.get("seed", 1)
-        cfg = stage_config(stage, alpha, seed, variant or wildcards.get("variant"))
+        alpha, seed, point = wildcards.get("alpha"), wildcards.get("seed", 1), wildcards.get("point")
+        if stage == "uniform":
+            point = f"bits-{wildcards.bits}"
+        cfg = stage_config(stage, alpha, seed, variant or wildcards.get("variant"), point)
         return shlex.quote(json.dumps(cfg, sort_keys=True))
 
     return args
@@ -138,8 +184,13 @@ def pretrain_dir(seed="{seed}"):
     return f"{RUNS}/pretrain/seed-{seed}"
 
 
+def run_dir(method="{method}", point="{point}", seed="{seed}"):
+    """One run of a method at one setting: results/<name>/<dataset>/<arch>/<method>/<point>/seed-<seed>."""
+    return f"{RUNS}/{method}/{point}/seed-{seed}"
+
+
 def bsq_dir(alpha="{alpha}", seed="{seed}"):
-    return f"{RUNS}/bsq/alpha-{alpha}/seed-{seed}"
+    return run_dir("bsq", f"alpha-{alpha}", seed)
 
 
 def stage_outputs(stage, directory):
@@ -158,7 +209,22 @@ def initial_bits():
 
 
 def evaluated_checkpoint(wildcards):
-    return f"{bsq_dir(wildcards.alpha, wildcards.seed)}/{wildcards.variant}/{FILE_NAMES['checkpoint']}"
+    """The model an evaluate job measures: `<run>/<variant>/model.pt` (BSQ finetune or scratch, the one-run FracBits
+    and uniform QAT jobs write theirs to `finetune/` too)."""
+    return f"{run_dir(wildcards.method, wildcards.point, wildcards.seed)}/{wildcards.variant}/{FILE_NAMES['checkpoint']}"
+
+
+def fracbits_inputs(wildcards):
+    """Float model, plus the budget (the BSQ run's prune metrics) when the point matches a BSQ alpha."""
+    inputs = {"checkpoint": f"{pretrain_dir(wildcards.seed)}/{FILE_NAMES['checkpoint']}"}
+    if wildcards.point.startswith("alpha-"):
+        inputs["budget"] = f"{bsq_dir(wildcards.point.removeprefix('alpha-'), wildcards.seed)}/prune/metrics.json"
+    return inputs
+
+
+def budget_flag(wildcards, input):
+    """Params function: --budget PATH when the FracBits job matches a BSQ run."""
+    return f"--budget {shlex.quote(str(input.budget))}" if hasattr(input, "budget") else ""
 
 
 # ---- targets -----------------------------------------------------------------------------------------------------
@@ -176,26 +242,40 @@ PLOTS = {
 
 
 def evaluations():
-    """(evaluate metrics, prune metrics or None) of every run the tables hold."""
-    pairs = [(f"{pretrain_dir(seed)}/eval/metrics.json", None) for seed in config["seeds"]]
-    for alpha in config["alphas"]:
-        for seed in config["seeds"]:
-            for variant in VARIANTS:
-                pairs.append(
-                    (
-                        f"{bsq_dir(alpha, seed)}/eval-{variant}/metrics.json",
-                        f"{bsq_dir(alpha, seed)}/prune/metrics.json" if variant == "finetune" else None,
-                    )
-                )
-    return pairs
+    """Every row of the tables: {"eval": evaluate metrics, "train": the training job's metrics, and for BSQ's
+    finetune "prune": the pruned model's metrics (the paper's accuracy before finetuning)}."""
+    rows = [
+        {"eval": f"{pretrain_dir(seed)}/eval/metrics.json", "train": f"{pretrain_dir(seed)}/metrics.json"}
+        for seed in config["seeds"]
+    ]
+    for method in METHODS:
+        for point in method_points(method):
+            for seed in config["seeds"]:
+                for variant in VARIANTS if method == "bsq" else ["finetune"]:
+                    run = run_dir(method, point, seed)
+                    row = {"eval": f"{run}/eval-{variant}/metrics.json", "train": f"{run}/{variant}/metrics.json"}
+                    if method == "bsq" and variant == "finetune":
+                        row["prune"] = f"{run}/prune/metrics.json"
+                    rows.append(row)
+    return rows
+
+
+def scheme_files():
+    """Per-layer bits of the first seed for the layer plot: BSQ per alpha, FracBits per point."""
+    first = config["seeds"][0]  # curves and per-layer bars show the first seed, as the paper's figures
+    files = {}
+    for method in ("bsq", "fracbits"):
+        for point in method_points(method) if method in METHODS else []:
+            stage = "prune" if method == "bsq" else "finetune"
+            files[f"{method}/{point}"] = f"{run_dir(method, point, first)}/{stage}/scheme.json"
+    return files
 
 
 def aggregate_inputs(wildcards):
-    first = config["seeds"][0]  # curves and per-layer bars show the first seed, as the paper's figures
-    files = {f"eval_{i}": e for i, (e, _) in enumerate(evaluations())}
-    files.update({f"prune_{i}": p for i, (_, p) in enumerate(evaluations()) if p})
-    files.update({f"history_{a}": f"{bsq_dir(a, first)}/search/history.csv" for a in config["alphas"]})
-    files.update({f"scheme_{a}": f"{bsq_dir(a, first)}/prune/scheme.json" for a in config["alphas"]})
+    first = config["seeds"][0]
+    files = {f"{kind}_{i}": path for i, row in enumerate(evaluations()) for kind, path in row.items()}
+    files.update({f"history_{a}": f"{bsq_dir(a, first)}/search/history.csv" for a in ALPHAS})
+    files.update({f"scheme_{i}": path for i, path in enumerate(scheme_files().values())})
     files["baselines"] = config["baselines"]
     return files
 

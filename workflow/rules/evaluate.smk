@@ -1,22 +1,22 @@
-# Test-set accuracy and costs (avg bits, compression, size, BitOPs) of a finetuned or train-from-scratch model.
+# Test-set accuracy and costs (avg bits, compression, size, BitOPs) of every method's final model, measured alike.
 rule evaluate:
     message:
-        "Evaluate {wildcards.variant} alpha={wildcards.alpha} seed={wildcards.seed}"
+        "Evaluate {wildcards.method} {wildcards.point} ({wildcards.variant}) seed={wildcards.seed}"
     input:
         checkpoint=evaluated_checkpoint,
     output:
-        **stage_outputs("evaluate", f"{bsq_dir()}/eval-{{variant}}"),
+        **stage_outputs("evaluate", f"{run_dir()}/eval-{{variant}}"),
     params:
         config=stage_args("evaluate"),
         out_dir=out_dir,
         launch=f"{shlex.quote(sys.executable)} -m bsq.cli",
     log:
-        f"{LOGS}/evaluate/alpha-{{alpha}}/seed-{{seed}}/{{variant}}.log",
+        f"{LOGS}/evaluate/{{method}}/{{point}}/seed-{{seed}}/{{variant}}.log",
     benchmark:
-        f"{BENCH}/evaluate/alpha-{{alpha}}/seed-{{seed}}/{{variant}}.tsv"
+        f"{BENCH}/evaluate/{{method}}/{{point}}/seed-{{seed}}/{{variant}}.tsv"
     conda:
         "../../environment.yml"
-    threads: 2
+    threads: EVAL_THREADS
     resources:
         mem_mb=config["mem_mb"],
         runtime=RUNTIME["evaluate"],
@@ -44,7 +44,7 @@ rule evaluate_pretrain:
         f"{BENCH}/evaluate_pretrain/seed-{{seed}}.tsv"
     conda:
         "../../environment.yml"
-    threads: 2
+    threads: EVAL_THREADS
     resources:
         mem_mb=config["mem_mb"],
         runtime=RUNTIME["evaluate"],

@@ -17,7 +17,7 @@ rule pretrain:
         f"{BENCH}/pretrain/seed-{{seed}}.tsv"
     conda:
         "../../environment.yml"
-    threads: 4
+    threads: config["threads"]
     resources:
         mem_mb=config["mem_mb"],
         runtime=RUNTIME["pretrain"],

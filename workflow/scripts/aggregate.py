@@ -8,12 +8,11 @@ from bsq.report import write_report  # noqa: E402
 from bsq.tracking import Tracker  # noqa: E402
 
 sm = snakemake  # noqa: F821
-alphas = sm.params.alphas
 outputs = {key: sm.output[key] for key in ("runs", "csv", "md", "tex", "pareto", "layer_bits", "search_curves")}
 summary = write_report(
-    evaluations=[tuple(pair) for pair in sm.params.evaluations],
-    search_histories={alpha: sm.input[f"history_{alpha}"] for alpha in alphas},
-    schemes={alpha: sm.input[f"scheme_{alpha}"] for alpha in alphas},
+    evaluations=sm.params.evaluations,
+    search_histories={alpha: sm.input[f"history_{alpha}"] for alpha in sm.params.alphas},
+    schemes={key: sm.input[f"scheme_{i}"] for i, key in enumerate(sm.params.schemes)},
     baselines=sm.input.baselines,
     outputs=outputs,
     title=sm.params.title,

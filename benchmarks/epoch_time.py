@@ -1,0 +1,114 @@
+"""Wall time of one training epoch per stage (pretrain / BSQ search / finetune) through the real stage code.
+
+Run:  .venv/bin/python benchmarks/epoch_time.py --data-root DIR [--arch resnet20] [--device cuda] [--train-subset N]
+      (no --data-root: CIFAR-shaped random uint8 data, 50,000 / 10,000 images, same code path)
+
+Each stage runs 1 epoch (search: the BSQ regulariser, clamp and an end-of-epoch projection; finetune: the pruned
+scheme) with tracking off; the figure is the engine's `train_seconds` (training only) and `eval_seconds`.
+Prints one JSON line (device, versions, figures) and appends it to results/benchmarks.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def synthetic_cifar(folder: Path) -> Path:
+    """A cifar-10-batches-py folder of random images: the loader and model do the same work as on the real set."""
+    batches = folder / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i}", 10_000) for i in range(1, 6)] + [("test_batch", 10_000)]:
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        with open(batches / name, "wb") as fh:
+            pickle.dump({b"data": data, b"labels": rng.integers(0, 10, n).tolist()}, fh)
+    return folder
+
+
+def run(args: argparse.Namespace, data_root: str) -> dict:
+    from bsq.layout import default_outputs
+    from bsq.stages import finetune, pretrain, prune, search
+
+    base = {
+        "device": args.device,
+        "data": {"name": "cifar10", "root": data_root, "train_subset": args.train_subset, "workers": args.workers},
+        "model": {"arch": args.arch, "act_bits": 4},
+        "tracking": {"enabled": False},
+        "progress": False,
+    }
+    if args.on_device is not None:
+        base["data"]["on_device"] = args.on_device
+    figures = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = {s: default_outputs(s, Path(tmp) / s) for s in ("pretrain", "search", "prune", "finetune")}
+        plan = [
+            ("pretrain", pretrain, {}, {}),
+            ("search", search, {"bsq": {"alpha": "5e-3"}}, {"checkpoint": out["pretrain"]["checkpoint"]}),
+            ("prune", prune, {}, {"checkpoint": out["search"]["checkpoint"]}),
+            ("finetune", finetune, {}, {"checkpoint": out["prune"]["checkpoint"]}),
+        ]
+        for stage, module, extra, inputs in plan:
+            config = {**base, **extra, "optim": {"epochs": 0 if stage == "prune" else 1}}
+            started = time.perf_counter()
+            module.run(config, inputs, out[stage])
+            wall = time.perf_counter() - started
+            if stage == "prune":
+                continue
+            history = (Path(tmp) / stage / "history.csv").read_text().splitlines()
+            header, row = history[0].split(","), history[1].split(",")
+            record = dict(zip(header, row, strict=True))
+            figures[f"{stage}_train_s"] = round(float(record["train_seconds"]), 2)
+            figures[f"{stage}_eval_s"] = round(float(record["eval_seconds"]), 2)
+            figures[f"{stage}_wall_s"] = round(wall, 2)
+    figures["search_over_pretrain"] = round(figures["search_train_s"] / figures["pretrain_train_s"], 3)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", help="folder with cifar-10-batches-py (default: synthetic data)")
+    parser.add_argument("--arch", default="resnet20")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--train-subset", type=int, default=None, help="first N training images (default: all)")
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--on-device", type=lambda v: v.lower() == "true", default=None, help="data.on_device")
+    parser.add_argument("--no-append", action="store_true", help="print only; do not append to results/")
+    args = parser.parse_args()
+    from bsq.engine import resolve_device
+
+    device = resolve_device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_root = args.data_root or str(synthetic_cifar(Path(tmp)))
+        figures = run(args, data_root)
+    line = {
+        "benchmark": "epoch_time",
+        "arch": args.arch,
+        "data": "cifar10" if args.data_root else "synthetic-cifar10",
+        "train_subset": args.train_subset,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor()})",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "date": time.strftime("%Y-%m-%d"),
+        **figures,
+    }
+    print(json.dumps(line))
+    if not args.no_append:
+        with open(ROOT / "results" / "benchmarks.jsonl", "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+
+
+if __name__ == "__main__":
+    main()
