@@ -1,7 +1,9 @@
 """Paper-style tables and plots from finished runs, beside the published numbers for the same dataset and model.
 
-Inputs are the files the stages write (`evaluate/metrics.json`, `prune/metrics.json`, `search/history.csv`,
-`prune/scheme.json`): the report never re-computes a number, it only gathers, averages over seeds and formats.
+Inputs are the files the stages write (`evaluate/metrics.json`, the training job's `metrics.json`,
+`prune/metrics.json`, `search/history.csv`, `scheme.json`): the report never re-computes a number, it only gathers,
+averages over seeds and formats. Methods sit side by side: BSQ per alpha, FracBits at each BSQ run's cost (or at an
+explicit target), uniform QAT per bit-width, and the full-precision model.
 Tables come as CSV (raw numbers, mean and std columns), Markdown and LaTeX; plots are seaborn PNGs.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from bsq.errors import BSQError
 # Columns averaged over seeds, in table order, with their display names.
 MEASURES = {
     "top1": "Top-1 (%)",
+    "top1_final": "Top-1 last epoch (%)",
     "top1_before_ft": "Top-1 before FT (%)",
     "top5": "Top-5 (%)",
     "avg_bits": "W bits (avg)",
@@ -28,7 +31,7 @@ MEASURES = {
     "size_mb": "Size (MB)",
     "bitops_g": "BitOPs (G)",
 }
-KEYS = ("dataset", "arch", "method", "variant", "alpha")
+KEYS = ("dataset", "arch", "method", "variant", "setting")  # setting: alpha, FracBits target or uniform bits
 BASELINE_COLUMNS = (
     "method", "paper", "venue_year", "dataset", "model", "w_bits", "a_bits", "model_size_mb", "bitops_g",
     "compression_rate", "top1", "top5", "fp_top1", "source_table", "notes", "status",
@@ -49,25 +52,49 @@ def _read_json(path: str | Path) -> dict[str, Any]:
 
 
 # ---- our runs ----------------------------------------------------------------------------------------------------
-def run_record(evaluate_metrics: str | Path, prune_metrics: str | Path | None = None) -> dict[str, Any]:
-    """One table row from an evaluate `metrics.json` (labels + measured costs) and, for BSQ, the pruned model's
-    accuracy before finetuning (the paper reports both)."""
+def run_record(
+    evaluate_metrics: str | Path,
+    prune_metrics: str | Path | None = None,
+    train_metrics: str | Path | None = None,
+) -> dict[str, Any]:
+    """One table row from an evaluate `metrics.json` (labels + measured costs); the training job's metrics add the
+    last epoch's accuracy (the table's top-1 is the best epoch, as the authors select), and BSQ's prune metrics (or
+    FracBits' own record) the accuracy before finetuning, which the paper reports too."""
     m = _read_json(evaluate_metrics)
     labels = m.get("labels", {})
     variant = labels.get("variant") or ("pretrain" if m.get("checkpoint_stage") == "pretrain" else "finetune")
+    method = "fp" if variant == "pretrain" else labels.get("method", "bsq")
+    alpha, target, bits = (str(labels.get(k, "")) for k in ("alpha", "target", "bits"))
+    if method == "uniform":
+        setting = f"W{bits}"
+    elif method == "fracbits" and not alpha:
+        setting = f"{target} {'G' if labels.get('cost') == 'bitops' else 'MB'}"
+    else:
+        setting = alpha
     record = {
         "dataset": labels.get("dataset"),
         "arch": labels.get("arch"),
-        "method": "fp" if variant == "pretrain" else labels.get("method", "bsq"),
+        "method": method,
         "variant": variant,
-        "alpha": str(labels.get("alpha", "")),
+        "setting": setting,
+        "alpha": alpha,
+        "target": target,
+        "bits": bits,
         "seed": int(labels.get("seed", 0)),
         "act_bits": m.get("act_bits"),
         **{k: m.get(k) for k in MEASURES if k in m},
         "source": str(evaluate_metrics),
     }
+    trained = _read_json(train_metrics) if train_metrics is not None else {}
+    if "final_top1" in trained:
+        record["top1_final"] = trained["final_top1"]
+    if "budget_met" in trained:  # FracBits: did the frozen policy land within tolerance of its target?
+        record["budget_error"] = trained["hard_cost_rel_error"]
+        record["budget_met"] = bool(trained["budget_met"])
     if prune_metrics is not None:
         record["top1_before_ft"] = _read_json(prune_metrics).get("top1")
+    elif "top1_before_ft" in trained:
+        record["top1_before_ft"] = trained["top1_before_ft"]
     return record
 
 
@@ -89,14 +116,25 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     std = grouped[list(MEASURES)].std(ddof=1)
     out = out.join(std.add_suffix("_std"))
     out["seeds"] = grouped["seed"].count()
-    out["act_bits"] = grouped["act_bits"].first()
+    for column in ("alpha", "target", "bits", "act_bits"):
+        out[column] = grouped[column].first() if column in runs else ""
+    if "budget_met" in runs:  # a setting misses its budget when any seed does; the largest miss is shown
+        met = runs["budget_met"].map(lambda v: v is not False)
+        out["budget_met"] = met.groupby([runs[k] for k in KEYS], dropna=False, sort=False).all()
+        out["budget_error"] = grouped["budget_error"].apply(
+            lambda v: v.abs().max() * (1 if v.max() >= -v.min() else -1)
+        )
     out = out.reset_index()
-    out["_alpha"] = pd.to_numeric(out["alpha"], errors="coerce")
+    # Paper order: FP, then BSQ by alpha (scratch after finetune), FracBits by alpha / target, uniform by bits.
+    out["_order"] = pd.to_numeric(out["alpha"].replace("", None), errors="coerce").fillna(
+        pd.to_numeric(out["bits"].replace("", None), errors="coerce")
+    )
+    out["_order"] = out["_order"].fillna(pd.to_numeric(out["target"].replace("", None), errors="coerce"))
     order = {"fp": 0, "bsq": 1, "fracbits": 2, "uniform": 3}
     out["_method"] = out["method"].map(order).fillna(9)
     out["_variant"] = (out["variant"] == "scratch").astype(int)
-    out = out.sort_values(["dataset", "arch", "_method", "_variant", "_alpha"]).drop(
-        columns=["_alpha", "_method", "_variant"]
+    out = out.sort_values(["dataset", "arch", "_method", "_variant", "_order"]).drop(
+        columns=["_order", "_method", "_variant"]
     )
     return out.reset_index(drop=True)
 
@@ -105,11 +143,33 @@ def label_of(row: pd.Series) -> str:
     name = METHOD_NAMES.get(row["method"], str(row["method"]))
     if row["method"] == "bsq" and row["alpha"]:
         name += f" (alpha={row['alpha']})"
-    elif row["alpha"]:
-        name += f" ({row['alpha']})"
+    elif row["method"] == "fracbits" and row["alpha"]:
+        name += f" (cost of BSQ alpha={row['alpha']})"
+    elif row["method"] == "uniform" and row["bits"]:
+        name += f" (W{row['bits']})"
+    elif row["setting"]:
+        name += f" ({row['setting']})"
     if row["variant"] == "scratch":
         name += ", train from scratch"
+    if row.get("budget_met") is False or row.get("budget_met") == 0:
+        name += f" [budget missed: {100 * row['budget_error']:+.1f} %]"
     return name
+
+
+def _w_bits(row: pd.Series) -> str:
+    if row["method"] == "fp":
+        return "32"
+    average = f"{_fmt(row['avg_bits'])} avg"
+    return f"{row['bits']} ({average})" if row["method"] == "uniform" else f"MP ({average})"
+
+
+def _a_bits(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+        return "32"
+    try:
+        return str(int(float(value)))
+    except (TypeError, ValueError):
+        return str(value)  # "MP": searched per layer
 
 
 # ---- published baselines -----------------------------------------------------------------------------------------
@@ -136,12 +196,14 @@ def published_for(baselines: pd.DataFrame, dataset: str, arch: str) -> pd.DataFr
 
 
 # ---- tables ------------------------------------------------------------------------------------------------------
-def _fmt(mean: float, std: float = math.nan, digits: int = 2) -> str:
+def _fmt(mean: float, std: float = math.nan, digits: int | None = 2) -> str:
+    """Fixed decimals; digits=None: 3 significant digits (sizes and BitOPs span 0.001 to 100+)."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return ""
-    text = f"{mean:.{digits}f}"
+    form = ".3g" if digits is None else f".{digits}f"
+    text = format(mean, form)
     if std is not None and not (isinstance(std, float) and math.isnan(std)):
-        text += f" ± {std:.{digits}f}"
+        text += f" ± {format(std, form)}"
     return text
 
 
@@ -156,11 +218,11 @@ def comparison_table(summary: pd.DataFrame, baselines: pd.DataFrame | None) -> p
                     "Model": arch,
                     "Method": label_of(r),
                     "Source": f"this suite (n={int(r['seeds'])} seed{'s' if r['seeds'] > 1 else ''})",
-                    "W bits": "32" if r["method"] == "fp" else f"MP ({_fmt(r['avg_bits'])} avg)",
-                    "A bits": "32" if pd.isna(r["act_bits"]) else str(int(r["act_bits"])),
+                    "W bits": _w_bits(r),
+                    "A bits": _a_bits(r["act_bits"]),
                     **{
-                        MEASURES[k]: _fmt(r[k], r[f"{k}_std"], 3 if k == "size_mb" else 2)
-                        for k in ("compression", "size_mb", "bitops_g", "top1_before_ft", "top1", "top5")
+                        MEASURES[k]: _fmt(r[k], r[f"{k}_std"], None if k in ("size_mb", "bitops_g") else 2)
+                        for k in ("compression", "size_mb", "bitops_g", "top1_before_ft", "top1", "top1_final", "top5")
                     },
                     "Status": "measured",
                 }
@@ -176,10 +238,11 @@ def comparison_table(summary: pd.DataFrame, baselines: pd.DataFrame | None) -> p
                     "W bits": b["w_bits"],
                     "A bits": b["a_bits"],
                     MEASURES["compression"]: _fmt(b["compression_rate"]),
-                    MEASURES["size_mb"]: _fmt(b["model_size_mb"], digits=3),
-                    MEASURES["bitops_g"]: _fmt(b["bitops_g"]),
+                    MEASURES["size_mb"]: _fmt(b["model_size_mb"], digits=None),
+                    MEASURES["bitops_g"]: _fmt(b["bitops_g"], digits=None),
                     MEASURES["top1_before_ft"]: "",
                     MEASURES["top1"]: _fmt(b["top1"]),
+                    MEASURES["top1_final"]: "",
                     MEASURES["top5"]: _fmt(b["top5"]),
                     "Status": b["status"],
                 }
@@ -248,10 +311,9 @@ def plot_pareto(summary: pd.DataFrame, baselines: pd.DataFrame | None, path: str
             group["compression"], group["top1"], yerr=group["top1_std"].fillna(0), marker="o", capsize=3, label=name
         )
         for _, r in group.iterrows():
-            if r["alpha"]:
-                ax.annotate(
-                    r["alpha"], (r["compression"], r["top1"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
-                )
+            text = f"W{r['bits']}" if r["method"] == "uniform" else r["alpha"] or r["setting"]
+            if text:
+                ax.annotate(text, (r["compression"], r["top1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     for _, fp in summary[summary["method"] == "fp"].iterrows():
         ax.axhline(fp["top1"], color="grey", linestyle="--", linewidth=1, label=f"FP ({fp['top1']:.1f} %)")
     if baselines is not None and not ours.empty:
@@ -275,26 +337,38 @@ def matplotlib_ticker():
     return matplotlib.ticker
 
 
-def plot_layer_bits(schemes: dict[str, dict[str, int]], path: str | Path) -> None:
-    """The paper's per-layer precision figure: bits of every layer, one bar per alpha."""
+def plot_layer_bits(schemes: dict[str, dict[str, float]], path: str | Path) -> None:
+    """The paper's per-layer precision figure: weight bits of every layer, one bar per alpha; one panel per method
+    (keys "bsq/alpha-5e-3", "fracbits/alpha-5e-3", ...), so BSQ and FracBits allocations at equal cost line up."""
     plt, sns = _pyplot()
     rows = [
-        {"alpha": alpha, "layer": layer, "bits": bits}
-        for alpha, scheme in schemes.items()
+        {
+            "method": METHOD_NAMES.get(key.split("/")[0], key.split("/")[0]),
+            "setting": key.split("/")[-1],
+            "layer": layer,
+            "bits": bits,
+        }
+        for key, scheme in schemes.items()
         for layer, bits in scheme.items()
-        if not layer.endswith(".bias")
+        if not layer.endswith((".bias", ".act"))
     ]
     frame = pd.DataFrame(rows)
-    layers = list(dict.fromkeys(frame["layer"])) if not frame.empty else []
-    fig, ax = plt.subplots(figsize=(max(6.4, 0.35 * len(layers) + 2), 3.8))
-    if not frame.empty:
-        sns.barplot(data=frame, x="layer", y="bits", hue="alpha", order=layers, ax=ax)
-    if not frame.empty:
-        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), title="alpha")
-    ax.set_ylabel("weight bits after pruning")
-    ax.set_xlabel("")
-    ax.tick_params(axis="x", rotation=90)
-    ax.set_title("Per-layer precision found by BSQ for each alpha")
+    methods = list(dict.fromkeys(frame["method"])) if not frame.empty else ["BSQ"]
+    # model order: the longest scheme first (FracBits quantizes the shortcuts BSQ keeps in float), then the others
+    orders = sorted(([k for k in sc if not k.endswith((".bias", ".act"))] for sc in schemes.values()), key=len)
+    layers = list(dict.fromkeys(layer for order in reversed(orders) for layer in order))
+    fig, axes = plt.subplots(
+        len(methods), 1, figsize=(max(6.4, 0.35 * len(layers) + 2), 3.4 * len(methods)), squeeze=False
+    )
+    for ax, method in zip(axes[:, 0], methods, strict=True):
+        part = frame[frame["method"] == method] if not frame.empty else frame
+        if not part.empty:
+            sns.barplot(data=part, x="layer", y="bits", hue="setting", order=layers, ax=ax)
+            sns.move_legend(ax, "upper left", bbox_to_anchor=(1.0, 1.0), title="")
+        ax.set_ylabel("weight bits")
+        ax.set_xlabel("")
+        ax.tick_params(axis="x", rotation=90)
+        ax.set_title(f"Per-layer weight precision: {method}")
     _save(fig, path)
 
 
@@ -331,7 +405,7 @@ def _save(fig, path: str | Path) -> None:
 
 # ---- one call for the workflow -----------------------------------------------------------------------------------
 def write_report(
-    evaluations: Sequence[tuple[str | Path, str | Path | None]],
+    evaluations: Sequence[Mapping[str, str | Path]],
     search_histories: dict[str, str | Path],
     schemes: dict[str, str | Path],
     baselines: str | Path | None,
@@ -340,11 +414,11 @@ def write_report(
 ) -> pd.DataFrame:
     """Write the runs CSV, the summary CSV, the Markdown and LaTeX comparison tables and the three plots.
 
-    `evaluations` pairs each evaluate `metrics.json` with its prune `metrics.json` (or None); `search_histories`
-    and `schemes` are keyed by alpha (seed 1 or the first seed). `outputs` names: runs, csv, md, tex, pareto,
-    layer_bits, search_curves.
+    Each of `evaluations` names an evaluate `metrics.json` ("eval") and optionally the training job's ("train") and
+    BSQ's prune metrics ("prune"). `search_histories` are BSQ's, keyed by alpha; `schemes` are keyed
+    "<method>/<point>" (first seed). `outputs` names: runs, csv, md, tex, pareto, layer_bits, search_curves.
     """
-    runs = collect_runs(run_record(e, p) for e, p in evaluations)
+    runs = collect_runs(run_record(e["eval"], e.get("prune"), e.get("train")) for e in evaluations)
     summary = summarize(runs)
     published = load_baselines(baselines) if baselines else None
     table = comparison_table(summary, published)
