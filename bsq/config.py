@@ -26,6 +26,7 @@ __all__ = [
     "BSQConfig",
     "FracBitsConfig",
     "QATConfig",
+    "SpeedConfig",
     "TrackingConfig",
     "StageConfig",
     "load_stage_config",
@@ -34,6 +35,14 @@ __all__ = [
 
 STAGES = ("pretrain", "search", "prune", "finetune", "evaluate", "fracbits", "uniform")
 
+FRACBITS_RECIPE: dict[str, Any] = {
+    "epochs": 200,
+    "lr": 0.05,
+    "schedule": "cosine",
+    "nesterov": True,
+    "weight_decay": 4e-5,
+    "weight_decay_on": "weights",
+}
 # Paper recipes (spec §8.1): FP pretrain 350 ep (x0.1 at 150/250/325), BSQ 350 ep (x0.1 at 250),
 # finetune 300 ep from lr 0.01 (x0.1 at 150/250). Prune and evaluate do not train.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -45,22 +54,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # FracBits' official optimiser (fracbits.md §1.9: SGD Nesterov, lr 0.05 cosine, wd 4e-5 on conv/fc weights only)
     # with the spec's CIFAR length (§1.11: 200 epochs, hard assignment after epoch index 160). The uniform QAT
     # baseline trains with the same recipe, so both baselines get the same budget of epochs.
-    "fracbits": {
-        "epochs": 200,
-        "lr": 0.05,
-        "schedule": "cosine",
-        "nesterov": True,
-        "weight_decay": 4e-5,
-        "weight_decay_on": "weights",
-    },
-    "uniform": {
-        "epochs": 200,
-        "lr": 0.05,
-        "schedule": "cosine",
-        "nesterov": True,
-        "weight_decay": 4e-5,
-        "weight_decay_on": "weights",
-    },
+    "fracbits": FRACBITS_RECIPE,
+    "uniform": FRACBITS_RECIPE,
 }
 
 
@@ -335,6 +330,26 @@ class QATConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """Switches that make training faster without changing a quantized value: every quantizer (bit planes to levels,
+    activation rounding, FracBits' DoReFa / PACT) still runs in float32. None = on where it is safe (CUDA)."""
+
+    channels_last: bool | None = None  # NHWC activations (and 4-d weights): faster cuDNN convolutions; None = on CUDA
+    amp: str | None = None  # null | bf16: conv / linear arithmetic in bfloat16 autocast (not bit-identical: opt in)
+    compile: bool = False  # torch.compile the training forward (recompiles after each re-quantization)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.channels_last is None or isinstance(self.channels_last, bool),
+            "speed.channels_last",
+            "null, true or false",
+            self.channels_last,
+        )
+        _require(self.amp in (None, "bf16"), "speed.amp", "null or bf16 (fp16 would need loss scaling)", self.amp)
+        _require(isinstance(self.compile, bool), "speed.compile", "true or false", self.compile)
+
+
+@dataclass
 class TrackingConfig:
     """MLflow: one run per stage job; default store is local SQLite under results/ (no server)."""
 
@@ -373,6 +388,7 @@ class StageConfig:
     bsq: BSQConfig = field(default_factory=BSQConfig)
     fracbits: FracBitsConfig = field(default_factory=FracBitsConfig)
     qat: QATConfig = field(default_factory=QATConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
@@ -403,6 +419,7 @@ SECTIONS: dict[str, type] = {
     "bsq": BSQConfig,
     "fracbits": FracBitsConfig,
     "qat": QATConfig,
+    "speed": SpeedConfig,
     "tracking": TrackingConfig,
 }
 

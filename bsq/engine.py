@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsq.config import OptimConfig
+from bsq.config import OptimConfig, SpeedConfig
 from bsq.errors import BSQError
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "train_one_epoch",
     "evaluate",
     "NonFiniteLoss",
+    "Speed",
     "Hooks",
     "Trainer",
 ]
@@ -100,6 +101,43 @@ class Distributed:
             import torch.distributed as dist
 
             dist.barrier()
+
+
+@dataclass(frozen=True)
+class Speed:
+    """`SpeedConfig` resolved for one device: what the training loop actually does."""
+
+    channels_last: bool = False
+    amp: torch.dtype | None = None
+    compile: bool = False
+
+    @classmethod
+    def resolve(cls, cfg: SpeedConfig | None, device: torch.device) -> Speed:
+        cfg = cfg or SpeedConfig()
+        cuda = device.type == "cuda"
+        return cls(
+            channels_last=cuda if cfg.channels_last is None else cfg.channels_last,
+            amp=torch.bfloat16 if cfg.amp == "bf16" else None,
+            compile=cfg.compile,
+        )
+
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        return (
+            images.contiguous(memory_format=torch.channels_last) if self.channels_last and images.dim() == 4 else images
+        )
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """4-d parameters to NHWC in place (same Parameter objects, so the optimizer keeps them); bit planes are
+        5-d and stay as they are (`Module.to(memory_format=)` would refuse them)."""
+        if self.channels_last:
+            with torch.no_grad():
+                for param in model.parameters():
+                    if param.dim() == 4:
+                        param.data = param.data.contiguous(memory_format=torch.channels_last)
+        return model
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -174,9 +212,11 @@ def train_one_epoch(
     after_step: Callable[[], None] | None = None,
     progress: bool = False,
     desc: str = "train",
+    speed: Speed | None = None,
 ) -> dict[str, float]:
     """One pass over `loader`: mean cross-entropy, top-1 and, when `after_backward` returns one, the mean of the
     value it returns (the search's R/TP). Metrics are accumulated on the device: one sync per CHECK_EVERY steps."""
+    speed = speed or Speed()
     model.train()
     loss_sum = torch.zeros((), device=device)
     extra_sum = torch.zeros((), device=device)
@@ -185,9 +225,10 @@ def train_one_epoch(
     has_extra = False
     non_blocking = device.type == "cuda"
     for images, labels in _bar(loader, len(loader), desc, progress):
-        images = images.to(device, non_blocking=non_blocking)
+        images = speed.images(images.to(device, non_blocking=non_blocking))
         labels = labels.to(device, non_blocking=non_blocking)
-        logits = model(images)
+        with speed.autocast(device):
+            logits = model(images).float()
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -215,15 +256,19 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device, progress: bool = False) -> dict[str, float]:
-    """Mean loss, top-1 and top-5 (percent) over the whole loader, in eval mode."""
+def evaluate(
+    model: nn.Module, loader: Iterable, device: torch.device, progress: bool = False, speed: Speed | None = None
+) -> dict[str, float]:
+    """Mean loss, top-1 and top-5 (percent) over the whole loader, in eval mode, in float32 (the quantized model
+    exactly, whatever `speed.amp` training used)."""
+    speed = speed or Speed()
     model.eval()
     loss_sum = torch.zeros((), device=device)
     top1 = torch.zeros((), device=device, dtype=torch.long)
     top5 = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     for images, labels in _bar(loader, len(loader), "eval", progress):
-        images, labels = images.to(device), labels.to(device)
+        images, labels = speed.images(images.to(device)), labels.to(device)
         logits = model(images)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         k = min(5, logits.shape[1])
@@ -278,6 +323,7 @@ class Trainer:
         best_after: int = 0,
         progress: bool = False,
         resume: dict[str, Any] | None = None,
+        speed: Speed | None = None,
     ) -> None:
         self.model = model
         self.train_loader, self.test_loader = train_loader, test_loader
@@ -287,6 +333,7 @@ class Trainer:
         self.save_resume = save_resume
         self.keep_best, self.progress = keep_best, progress
         self.best_after = best_after  # epochs before it are not candidates (FracBits: only discrete models count)
+        self.speed = speed or Speed()
         self.optimizer = make_optimizer(model, optim)
         self.start_epoch = 0
         self.history: list[dict[str, float]] = []
@@ -321,9 +368,14 @@ class Trainer:
             },
         }
 
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """The module the training steps call: NHWC if asked, DDP across ranks, compiled if asked."""
+        wrapped = self.dist.wrap(self.speed.prepare(model))
+        return torch.compile(wrapped) if self.speed.compile else wrapped
+
     def fit(self) -> FitResult:
         model, hooks = self.model, self.hooks
-        wrapped = self.dist.wrap(model)
+        wrapped = self._wrap(model)
         for epoch in range(self.start_epoch, self.optim.epochs):
             seed_all(epoch_seed(self.seed, epoch))
             lr = self.optim.lr_at(epoch)
@@ -336,7 +388,7 @@ class Trainer:
                 if action == "reset":
                     self.optimizer = make_optimizer(model, self.optim, lr)
                 if action is not None:
-                    wrapped = self.dist.wrap(model)
+                    wrapped = self._wrap(model)
             set_lr(self.optimizer, lr)
             self.train_loader.set_epoch(epoch)
             started = time.perf_counter()
@@ -349,9 +401,10 @@ class Trainer:
                 after_step=(lambda: hooks.after_step(model)) if hooks.after_step else None,
                 progress=self.progress,
                 desc=f"epoch {epoch + 1}/{self.optim.epochs}",
+                speed=self.speed,
             )
             trained = time.perf_counter()
-            test = evaluate(model, self.test_loader, self.dist.device, self.progress)
+            test = evaluate(model, self.test_loader, self.dist.device, self.progress, self.speed)
             # Wall-clock figures for users' planning; excluded from determinism checks.
             row["train_seconds"] = trained - started
             row["eval_seconds"] = time.perf_counter() - trained

@@ -50,8 +50,9 @@ class _PlanesToWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pos, neg, e, scale, k: float):  # type: ignore[override]
-        u_c = ((pos - neg) @ e).clamp_(-1.0, 1.0)
-        q = torch.sign(u_c) * torch.round(u_c.abs() * k) / k  # same float ops as bits.dequantize
+        with torch.autocast(pos.device.type, enabled=False):  # `@` would run in bf16 under autocast: keep float32
+            u_c = ((pos - neg) @ e).clamp_(-1.0, 1.0)
+            q = torch.sign(u_c) * torch.round(u_c.abs() * k) / k  # same float ops as bits.dequantize
         ctx.save_for_backward(e, scale, q)
         return scale * q
 
@@ -72,6 +73,7 @@ class _QuantizeActivation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, k: float) -> torch.Tensor:  # type: ignore[override]
+        x = x.float()  # under bf16 autocast the input may be bf16: round in float32, as without autocast
         # clamp_min instead of an `if S == 0` branch: no host sync on GPU, and an all-zero x still maps to 0.
         s = x.detach().abs().amax().clamp_min(torch.finfo(x.dtype).tiny)
         return s * torch.round(x.abs() * k / s) / k * torch.sign(x)

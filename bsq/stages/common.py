@@ -24,7 +24,7 @@ from torch import nn
 from bsq.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from bsq.config import StageConfig, config_to_dict, load_stage_config
 from bsq.data import DatasetInfo, Loaders, build_loaders, dataset_info
-from bsq.engine import Distributed, Hooks, Trainer
+from bsq.engine import Distributed, Hooks, Speed, Trainer
 from bsq.errors import BSQError
 from bsq.layout import OUTPUTS
 
@@ -303,6 +303,7 @@ class Session:
             keep_best=keep_best,
             best_after=best_after,
             progress=self.progress,
+            speed=Speed.resolve(self.cfg.speed, self.device),
             resume=self.resume,
         )
 
