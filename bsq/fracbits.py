@@ -62,7 +62,7 @@ class CostModel:
 
     def _bits(self, layer: FracLayer, offset: float | None) -> tuple[torch.Tensor, torch.Tensor | float]:
         """(weight bits averaged over kernels, input bits) as tensors of lambda, or rounded with `offset`."""
-        if offset is None and not bool(layer.hard):
+        if offset is None and not layer.is_hard:
             w = clamp_bits(layer.wbits, *layer.w_range).mean()
             a = clamp_bits(layer.abits, *layer.a_range) if layer.a_range is not None else None
         else:

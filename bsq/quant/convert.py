@@ -67,12 +67,13 @@ def bit_layers(model: nn.Module) -> Iterator[tuple[str, BitLayer]]:
             yield name, module
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def float_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The plain `nn.Conv2d` / `nn.Linear` layers a quantizer may swap (exact types: quantized twins excluded)."""
     return [(n, m) for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
 
 
@@ -88,7 +89,7 @@ def quantize_model(
     scheme from another architecture fails loudly instead of being applied partially.
     """
     policy = policy or QuantPolicy()
-    candidates = _candidates(model)
+    candidates = float_layers(model)
     if not candidates:
         raise BSQError("the model has no nn.Conv2d / nn.Linear layers to quantize")
     first, last = candidates[0][0], candidates[-1][0]
@@ -114,7 +115,7 @@ def quantize_model(
         layer = factory.from_float(module, nbits, bias_nbits)
         if is_shortcut(name):
             layer.counted = False  # paper-era shortcuts: quantized and regularized, never counted (spec §4.4)
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     return model
 
 
@@ -136,7 +137,7 @@ def _check_scheme(scheme: dict[str, int], chosen: list[tuple[str, nn.Module]], p
 def to_float_model(model: nn.Module) -> nn.Module:
     """Replace every bit layer by a float layer holding exactly its quantized values (in place)."""
     for name, layer in list(bit_layers(model)):
-        _set_submodule(model, name, layer.to_float())
+        set_submodule(model, name, layer.to_float())
     return model
 
 

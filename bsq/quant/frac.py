@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bsq.errors import BSQError
+from bsq.quant.convert import float_layers, is_shortcut, set_submodule
+from bsq.quant.layers import conv_arguments
 
 __all__ = [
     "FracPolicy",
@@ -170,12 +172,30 @@ class FracLayer:
     form = "frac"
     counted = True  # every FracBits-quantized layer counts in size and compression (no BSQ-style exceptions)
 
+    @classmethod
+    def from_float(
+        cls, module: nn.Module, w_range, a_range, kernel_wise: bool, init: float, alpha: float, variant: str
+    ):
+        """The twin of a float conv / linear: same geometry and weights, bit-widths at `init` (one per output kernel
+        when `kernel_wise`), PACT clip at `alpha`."""
+        layer = cls(*cls._float_arguments(module), device=module.weight.device)
+        with torch.no_grad():
+            layer.weight.copy_(module.weight)
+            if module.bias is not None:
+                layer.bias.copy_(module.bias)
+        kernels = module.weight.shape[0] if kernel_wise else 1
+        layer._setup(w_range, a_range, kernels, init, alpha, rescale=False, variant=variant)
+        return layer
+
     def _setup(self, w_range, a_range, kernels: int, init: float, alpha: float, rescale: bool, variant: str) -> None:
         self.w_range, self.a_range = tuple(w_range), None if a_range is None else tuple(a_range)
         self.rescale, self.variant = rescale, variant
         dev = self.weight.device
+        # Buffers carry the two flags through state dicts; the Python mirrors `is_hard` / `is_signed` are what the
+        # forward reads (reading a CUDA tensor as a bool would sync the device in every layer of every step).
         self.register_buffer("hard", torch.tensor(False, device=dev))
         self.register_buffer("signed_input", torch.tensor(False, device=dev))
+        self.is_hard = self.is_signed = False
         w_init = _start(init, self.w_range)
         self.wbits = nn.Parameter(torch.full((kernels,) if kernels > 1 else (), w_init, device=dev))
         self.wbits.requires_grad_(self.searches_weight)
@@ -185,11 +205,11 @@ class FracLayer:
 
     @property
     def searches_weight(self) -> bool:
-        return self.w_range[0] < self.w_range[1] and not bool(self.hard)
+        return self.w_range[0] < self.w_range[1] and not self.is_hard
 
     @property
     def searches_act(self) -> bool:
-        return self.a_range is not None and self.a_range[0] < self.a_range[1] and not bool(self.hard)
+        return self.a_range is not None and self.a_range[0] < self.a_range[1] and not self.is_hard
 
     @property
     def kernel_wise(self) -> bool:
@@ -223,6 +243,7 @@ class FracLayer:
         if a is not None:
             self.abits.fill_(a)
         self.hard.fill_(True)
+        self.is_hard = True
         self.wbits.requires_grad_(False)
         self.abits.requires_grad_(False)
 
@@ -235,12 +256,13 @@ class FracLayer:
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.is_hard, self.is_signed = bool(self.hard), bool(self.signed_input)
         self.wbits.requires_grad_(self.searches_weight)  # a loaded hard layer stays frozen
         self.abits.requires_grad_(self.searches_act)
 
     # -- forward --
     def quantized_weight(self) -> torch.Tensor:
-        w = dorefa_weight(self.weight, self.wbits, *self.w_range, bool(self.hard))
+        w = dorefa_weight(self.weight, self.wbits, *self.w_range, self.is_hard)
         if self.rescale:  # SAT on the last layer: quantized weights rescaled to std 1/sqrt(out)
             w = w / (math.sqrt(self.weight.shape[0]) * w.std().clamp_min(1e-12))
         return w
@@ -248,13 +270,14 @@ class FracLayer:
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_range is None:
             return x
+        x = x.float()  # under bf16 autocast the input may be bf16: quantize in float32
         return pact_activation(
-            x, self.act_alpha, self.abits, *self.a_range, bool(self.hard), bool(self.signed_input), self.variant
+            x, self.act_alpha, self.abits, *self.a_range, self.is_hard, self.is_signed, self.variant
         )
 
     def frac_repr(self) -> str:
-        act = "float" if self.a_range is None else f"{list(self.a_range)}{' signed' if self.signed_input else ''}"
-        mode = "hard" if bool(self.hard) else "frac"
+        act = "float" if self.a_range is None else f"{list(self.a_range)}{' signed' if self.is_signed else ''}"
+        mode = "hard" if self.is_hard else "frac"
         return f", w_bits={list(self.w_range)}, a_bits={act}, {mode}{', kernel-wise' if self.kernel_wise else ''}"
 
 
@@ -265,28 +288,9 @@ def _start(init: float, bounds: tuple[int, int]) -> float:
 class FracConv2d(FracLayer, nn.Conv2d):
     """`nn.Conv2d` with a DoReFa weight and a PACT input quantizer at (fractional) bit-widths."""
 
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, w_range, a_range, kernel_wise: bool, init: float, alpha: float, variant: str):
-        if conv.padding_mode != "zeros":
-            raise BSQError(f"FracConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            conv.bias is not None,
-            device=conv.weight.device,
-        )
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        kernels = conv.out_channels if kernel_wise else 1
-        layer._setup(w_range, a_range, kernels, init, alpha, rescale=False, variant=variant)
-        return layer
+    @staticmethod
+    def _float_arguments(conv: nn.Conv2d) -> tuple:
+        return conv_arguments(conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
@@ -298,18 +302,9 @@ class FracConv2d(FracLayer, nn.Conv2d):
 class FracLinear(FracLayer, nn.Linear):
     """`nn.Linear` with a DoReFa weight and a PACT input quantizer at (fractional) bit-widths."""
 
-    @classmethod
-    def from_float(
-        cls, linear: nn.Linear, w_range, a_range, kernel_wise: bool, init: float, alpha: float, variant: str
-    ):
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device)
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        kernels = linear.out_features if kernel_wise else 1
-        layer._setup(w_range, a_range, kernels, init, alpha, rescale=False, variant=variant)
-        return layer
+    @staticmethod
+    def _float_arguments(linear: nn.Linear) -> tuple:
+        return (linear.in_features, linear.out_features, linear.bias is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
@@ -325,22 +320,17 @@ def frac_layers(model: nn.Module) -> Iterator[tuple[str, FracLayer]]:
             yield name, module
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def frac_quantize_model(model: nn.Module, policy: FracPolicy) -> nn.Module:
     """Swap every float `Conv2d` / `Linear` for its FracBits twin (in place), following `policy`.
 
     Call `mark_signed_inputs_` afterwards on a fresh model (a checkpoint restores the flags itself)."""
-    candidates = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    candidates = float_layers(model)
     if not candidates:
         raise BSQError("the model has no nn.Conv2d / nn.Linear layers to quantize")
     first, last = candidates[0][0], candidates[-1][0]
     fixed = (policy.fixed_bits, policy.fixed_bits)
     for name, module in candidates:
-        if "downsample" in name.split(".") and not policy.quantize_shortcuts:
+        if is_shortcut(name) and not policy.quantize_shortcuts:
             continue
         is_linear = isinstance(module, nn.Linear)
         w_range = fixed if name in (first, last) else policy.w_bits
@@ -352,7 +342,7 @@ def frac_quantize_model(model: nn.Module, policy: FracPolicy) -> nn.Module:
         layer.rescale = policy.variant == "sat" and name == last
         if policy.hard:
             layer.set_hard_()
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     return model
 
 
@@ -376,8 +366,9 @@ def mark_signed_inputs_(model: nn.Module, input_size: tuple[int, ...]) -> dict[s
         for h in hooks:
             h.remove()
     for name, layer in layers.items():
-        layer.signed_input.fill_(seen.get(name, 0.0) < 0)
-    return {name: bool(layer.signed_input) for name, layer in layers.items()}
+        layer.is_signed = seen.get(name, 0.0) < 0
+        layer.signed_input.fill_(layer.is_signed)
+    return {name: layer.is_signed for name, layer in layers.items()}
 
 
 def set_hard_model_(model: nn.Module, offset: float = 0.0) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 from bsq.quant import bits as B
 from bsq.quant.ste import planes_to_weight_ste, quantize_levels_ste
 
-__all__ = ["BitLayer", "BitConv2d", "BitLinear", "is_bit_layer"]
+__all__ = ["BitLayer", "BitConv2d", "BitLinear", "is_bit_layer", "conv_arguments"]
 
 
 class BitLayer(nn.Module, abc.ABC):
@@ -224,6 +224,22 @@ class BitLayer(nn.Module, abc.ABC):
         return str(self.weight_shape)
 
 
+def conv_arguments(conv: nn.Conv2d) -> tuple:
+    """The positional `nn.Conv2d` arguments that rebuild `conv` (quantized twins keep its geometry)."""
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"quantized convolutions support padding_mode='zeros' only, got {conv.padding_mode!r}")
+    return (
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
+    )
+
+
 class BitConv2d(BitLayer):
     """`nn.Conv2d` signature plus `nbits` (and `bias_nbits`); weights in sign-magnitude bit planes."""
 
@@ -251,20 +267,7 @@ class BitConv2d(BitLayer):
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, nbits: int = 8, bias_nbits: int | None = None) -> BitConv2d:
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"BitConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            conv.bias is not None,
-            nbits=nbits,
-            bias_nbits=bias_nbits,
-        )
+        layer = cls(*conv_arguments(conv), nbits=nbits, bias_nbits=bias_nbits)
         return layer._init_from_float(conv, nbits, bias_nbits)
 
     def _empty_float_twin(self) -> nn.Conv2d:

@@ -139,7 +139,7 @@ def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outp
             tracker.log_metrics(s.start_metrics, step=0)
 
         def searching(m: nn.Module) -> bool:
-            return not any(bool(layer.hard) for _, layer in frac_layers(m))
+            return not any(layer.is_hard for _, layer in frac_layers(m))
 
         def add_penalty(m: nn.Module) -> torch.Tensor | None:
             if not searching(m):
