@@ -13,16 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from _common import append_result, environment
 
 
 def synthetic_cifar(folder: Path) -> Path:
@@ -50,6 +46,7 @@ def run(args: argparse.Namespace, data_root: str) -> dict:
     }
     if args.on_device is not None:
         base["data"]["on_device"] = args.on_device
+    base["speed"] = {"channels_last": args.channels_last, "amp": args.amp, "compile": args.compile}
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         out = {s: default_outputs(s, Path(tmp) / s) for s in ("pretrain", "search", "prune", "finetune")}
@@ -84,11 +81,11 @@ def main() -> None:
     parser.add_argument("--train-subset", type=int, default=None, help="first N training images (default: all)")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--on-device", type=lambda v: v.lower() == "true", default=None, help="data.on_device")
+    parser.add_argument("--channels-last", type=lambda v: v.lower() == "true", default=None, help="speed.channels_last")
+    parser.add_argument("--amp", choices=["bf16"], help="speed.amp")
+    parser.add_argument("--compile", action="store_true", help="speed.compile")
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to results/")
     args = parser.parse_args()
-    from bsq.engine import resolve_device
-
-    device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         data_root = args.data_root or str(synthetic_cifar(Path(tmp)))
         figures = run(args, data_root)
@@ -97,17 +94,16 @@ def main() -> None:
         "arch": args.arch,
         "data": "cifar10" if args.data_root else "synthetic-cifar10",
         "train_subset": args.train_subset,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor()})",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
-        "date": time.strftime("%Y-%m-%d"),
+        "on_device": args.on_device,
+        "channels_last": args.channels_last,
+        "amp": args.amp,
+        "compile": args.compile,
+        **environment(args.device),
         **figures,
     }
     print(json.dumps(line))
     if not args.no_append:
-        with open(ROOT / "results" / "benchmarks.jsonl", "a") as fh:
-            fh.write(json.dumps(line) + "\n")
+        append_result(line)
 
 
 if __name__ == "__main__":
