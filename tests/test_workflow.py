@@ -288,8 +288,8 @@ def test_rerun_does_nothing_and_a_deleted_output_reruns_only_its_branch(finished
     alpha = config["alphas"][1]
     branch = next((workdir / "results").glob(f"default/*/*/bsq/alpha-{alpha}/seed-1"))
     shutil.rmtree(branch / "finetune")
-    # The tables read each finetune's metrics (last-epoch accuracy), so the deleted output is needed again: exactly
-    # that branch re-runs (finetune, its evaluation, the tables), not its search, scratch or FracBits siblings.
+    # Every trained model is a target of `all`, so the deleted output is missing again: exactly that branch re-runs
+    # (finetune, its evaluation, the tables), not its search, scratch or FracBits siblings.
     result = _snakemake(workdir, "-n", "--quiet", "rules")
     assert result.returncode == 0, result.stderr
     assert _job_counts(result.stdout) == {"finetune": 1, "evaluate": 1, "aggregate": 1, "all": 1}
