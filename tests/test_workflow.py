@@ -147,6 +147,11 @@ def test_paper_sweep_is_the_papers_alphas():
         (["stages={search: {optim: {lrr: 1}}}"], "unknown key(s) optim.lrr"),
         (["stages={finetune: {optim: {epochs: -1}}}"], "optim.epochs"),
         (["pretrained=/nonexistent/model.pth"], "pretrained: /nonexistent/model.pth not found"),
+        (["methods=[fracbits]"], "methods has fracbits but nothing sets its targets"),
+        (["methods=[bsq,lsq]"], "'lsq' is not one of"),
+        (["uniform_bits=[0]"], "qat.bits must be an integer in 1..16, got 0"),
+        (["stages={fracbits: {fracbits: {cost: bitops}}}"], "fracbits.match: compression needs"),
+        (["stages={fracbits: {fracbits: {kappa: -1}}}"], "fracbits.kappa must be a number > 0"),
     ],
 )
 def test_bad_config_fails_before_any_job(workdir, override, message):

@@ -62,7 +62,6 @@ wildcard_constraints:
     variant="finetune|scratch",
     method="bsq|fracbits|uniform",
     point=_alternatives(sorted({p for m in METHODS for p in method_points(m)})),
-    target=_alternatives(FRACBITS["targets"]),
     bits=r"\d+",
 
 
@@ -75,6 +74,13 @@ def check_inputs():
         raise ValueError(
             "methods has fracbits but nothing sets its targets: keep bsq in methods with fracbits.match (one FracBits "
             "run per alpha at that run's cost), or give fracbits.targets"
+        )
+    cost = config.get("stages", {}).get("fracbits", {}).get("fracbits", {}).get("cost")
+    needed = "bitops" if FRACBITS["match"] == "bitops" else "size"  # compression and size match a size target
+    if "fracbits" in METHODS and FRACBITS["match"] and cost not in (None, needed):
+        raise ValueError(
+            f"fracbits.match: {FRACBITS['match']} needs stages.fracbits.fracbits.cost: {needed}, got {cost}; "
+            "change one of them"
         )
     if "uniform" in METHODS and not config["uniform_bits"]:
         raise ValueError("methods has uniform but uniform_bits is empty; give the bit-widths, e.g. [2, 3, 4, 8]")
@@ -130,7 +136,8 @@ def stage_config(stage, alpha=None, seed=1, variant=None, point=None, validate_o
         cfg = _merge(cfg, {"bsq": {"alpha": alpha}})
     if stage == "fracbits" and point.startswith("alpha-"):  # the target comes from the BSQ run's metrics
         match = FRACBITS["match"]
-        cfg = _merge(cfg, {"fracbits": {"match": match, "cost": "bitops" if match == "bitops" else "size"}})
+        cfg = _merge(cfg, {"fracbits": {"match": match}})
+        cfg["fracbits"].setdefault("cost", "bitops" if match == "bitops" else "size")
     elif stage == "fracbits":
         cfg = _merge(cfg, {"fracbits": {"target": float(point.removeprefix("target-"))}})
     if stage == "uniform":
