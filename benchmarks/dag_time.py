@@ -26,6 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to results/")
+    parser.add_argument("--keep", help="copy the run's results/tables and results/plots into this folder")
     args, extra = parser.parse_known_args()  # anything else goes to snakemake (--configfile, --config, ...)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -54,6 +55,9 @@ def main() -> None:
                 row = next(csv.DictReader(fh, delimiter="\t"))
             per_rule[rule] += float(row["s"])
             jobs[rule] += 1
+        if args.keep:
+            for part in ("tables", "plots"):
+                shutil.copytree(work / "results" / part, Path(args.keep) / part, dirs_exist_ok=True)
     line = {
         "benchmark": "dag_time",
         "cores": args.cores,
