@@ -29,7 +29,7 @@ def synthetic_cifar(folder: Path) -> Path:
     for name, n in [(f"data_batch_{i}", 10_000) for i in range(1, 6)] + [("test_batch", 10_000)]:
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         with open(batches / name, "wb") as fh:
-            pickle.dump({b"data": data, b"labels": rng.integers(0, 10, n).tolist()}, fh)
+            pickle.dump({"data": data, "labels": rng.integers(0, 10, n).tolist()}, fh)
     return folder
 
 
