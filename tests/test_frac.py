@@ -23,6 +23,7 @@ from bsq.quant.frac import (
     frac_scheme,
     mark_signed_inputs_,
     pact_activation,
+    pact_integer,
     round_unit_ste,
 )
 
@@ -101,6 +102,30 @@ def test_pact_values_and_alpha_gradients():
         expected = [q[i] - u[i] if inside else 0.0 for i in range(4)] + [1.0]
         expected[0] = 0.0  # below zero: nothing reaches alpha
         assert grads == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["sat", "pact"])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_fused_integer_pact_equals_the_composed_ops(variant, bits):
+    """The one-node fast path (fixed or hard-assigned input bits) gives the composed quantizer's values and
+    gradients for x and alpha."""
+    x = (torch.randn(4, 8, 5, 5) * 3).requires_grad_()
+    g = torch.randn(4, 8, 5, 5)
+    results = []
+    for fast in (True, False):
+        alpha = torch.tensor(2.5, requires_grad=True)
+        xi = x.detach().clone().requires_grad_()
+        if fast:
+            out = pact_integer(xi, alpha, bits, variant)
+        else:
+            out = pact_activation(xi, alpha, torch.tensor(float(bits)), bits, bits, True, False, variant)
+        (out * g).sum().backward()
+        results.append((out.detach(), xi.grad, alpha.grad))
+    (o1, gx1, ga1), (o2, gx2, ga2) = results
+    assert torch.equal(o1, o2)
+    # the composition's dx passes through (x / a) * a, one float rounding off the exact straight-through 1
+    assert torch.allclose(gx1, gx2, rtol=1e-6, atol=1e-7)
+    assert ga1.item() == pytest.approx(ga2.item(), rel=1e-5, abs=1e-6)
 
 
 def test_signed_inputs_use_a_two_sided_clip():
