@@ -30,13 +30,12 @@ from _common import append_result, environment
 SHAPES = {"cifar": (3, 32, 32), "imagenet": (3, 224, 224)}
 
 
-def build(mode: str, arch: str, shape: tuple[int, ...]):
-    from bsq.models import create_model, model_info
+def build(mode: str, arch: str, shape: tuple[int, ...], classes: int):
+    from bsq.models import create_model
     from bsq.quant.convert import clamp_bits_, quantize_model
     from bsq.quant.frac import FracPolicy, clamp_frac_bits_, frac_quantize_model, mark_signed_inputs_
     from bsq.regularizers import add_penalty_grad_
 
-    classes = 10 if model_info(arch).family == "cifar" else 1000
     if mode == "fracbits":
         model = frac_quantize_model(create_model(arch, classes, act_bits=None), FracPolicy(init_bits=3.5))
         mark_signed_inputs_(model, shape)
@@ -53,8 +52,9 @@ def measure(args: argparse.Namespace, mode: str) -> dict:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    shape = SHAPES[model_info(args.arch).family]
-    model, after_backward, after_step = build(mode, args.arch, shape)
+    family = model_info(args.arch).family
+    shape, classes = SHAPES[family], (10 if family == "cifar" else 1000)
+    model, after_backward, after_step = build(mode, args.arch, shape, classes)
     speed = Speed(channels_last=args.channels_last, amp=torch.bfloat16 if args.amp == "bf16" else None)
     model = speed.prepare(model.to(device).train())
     cost = None
@@ -66,7 +66,6 @@ def measure(args: argparse.Namespace, mode: str) -> dict:
         cost = lambda: penalty(size(), target, 1.0, True)  # noqa: E731
     # fused=True: one kernel per step for all parameters (BSQ has 16x more of them: 8 planes x 2 signs)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True)
-    classes = 10 if model_info(args.arch).family == "cifar" else 1000
     x = speed.images(torch.randn(args.batch, *shape, device=device))
     y = torch.randint(0, classes, (args.batch,), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

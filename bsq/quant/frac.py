@@ -229,22 +229,27 @@ class FracLayer:
         self.w_range, self.a_range = tuple(w_range), None if a_range is None else tuple(a_range)
         self.rescale, self.variant = rescale, variant
         dev = self.weight.device
-        # Buffers carry the two flags through state dicts; the Python mirrors `is_hard` / `is_signed` are what the
-        # forward reads (reading a CUDA tensor as a bool would sync the device in every layer of every step).
         self.register_buffer("hard", torch.tensor(False, device=dev))
         self.register_buffer("signed_input", torch.tensor(False, device=dev))
-        self.is_hard = self.is_signed = False
         w_init = _start(init, self.w_range)
         self.wbits = nn.Parameter(torch.full((kernels,) if kernels > 1 else (), w_init, device=dev))
-        self.wbits.requires_grad_(self.searches_weight)
         a_init = _start(init, self.a_range) if self.a_range else 32.0
-        self.abits = nn.Parameter(torch.tensor(a_init, device=dev), requires_grad=self.searches_act)
+        self.abits = nn.Parameter(torch.tensor(a_init, device=dev))
         self.act_alpha = nn.Parameter(torch.tensor(alpha, device=dev), requires_grad=self.a_range is not None)
-        self._input_bits = self._read_input_bits()
+        self._sync_flags()
 
-    def _read_input_bits(self) -> int | None:
-        """Python copy of the rounded input bits (read once per change, not in every forward)."""
-        return None if self.a_range is None else int(self.rounded_bits()[1])
+    def _sync_flags(self) -> None:
+        """Derive what follows from the flags, whenever they change (set up, hard assignment, load, sign probe).
+
+        The buffers `hard` and `signed_input` carry the flags through state dicts; the forward reads Python mirrors
+        (reading a CUDA tensor as a bool would sync the device in every layer of every step). `fixed_input_bits`: the
+        input bits once they no longer move (a fixed range, or after the hard assignment), else None. Bit-widths
+        train only while searched: a hard layer, fresh or loaded, stays frozen."""
+        self.is_hard, self.is_signed = bool(self.hard), bool(self.signed_input)
+        self.wbits.requires_grad_(self.searches_weight)
+        self.abits.requires_grad_(self.searches_act)
+        fixed = self.a_range is not None and not self.searches_act
+        self.fixed_input_bits = int(self.rounded_bits()[1]) if fixed else None
 
     @property
     def searches_weight(self) -> bool:
@@ -286,10 +291,7 @@ class FracLayer:
         if a is not None:
             self.abits.fill_(a)
         self.hard.fill_(True)
-        self.is_hard = True
-        self._input_bits = self._read_input_bits()
-        self.wbits.requires_grad_(False)
-        self.abits.requires_grad_(False)
+        self._sync_flags()
 
     @torch.no_grad()
     def clamp_bits_(self) -> None:
@@ -298,19 +300,9 @@ class FracLayer:
         if self.a_range is not None:
             self.abits.clamp_(*self.a_range)
 
-    @property
-    def fixed_input_bits(self) -> int | None:
-        """The input bits when they no longer move (a fixed range, or after the hard assignment), else None."""
-        if self.a_range is None or (self.a_range[0] < self.a_range[1] and not self.is_hard):
-            return None
-        return self._input_bits
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.is_hard, self.is_signed = bool(self.hard), bool(self.signed_input)
-        self._input_bits = self._read_input_bits()
-        self.wbits.requires_grad_(self.searches_weight)  # a loaded hard layer stays frozen
-        self.abits.requires_grad_(self.searches_act)
+        self._sync_flags()
 
     # -- forward --
     def quantized_weight(self) -> torch.Tensor:
@@ -418,8 +410,8 @@ def mark_signed_inputs_(model: nn.Module, input_size: tuple[int, ...]) -> dict[s
         for h in hooks:
             h.remove()
     for name, layer in layers.items():
-        layer.is_signed = seen.get(name, 0.0) < 0
-        layer.signed_input.fill_(layer.is_signed)
+        layer.signed_input.fill_(seen.get(name, 0.0) < 0)
+        layer._sync_flags()
     return {name: layer.is_signed for name, layer in layers.items()}
 
 

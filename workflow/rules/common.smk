@@ -66,6 +66,11 @@ wildcard_constraints:
 
 
 # ---- input checks that need more than the schema: fail before any job, naming the key and the fix ----------------
+def matched_cost(match):
+    """The FracBits cost that `fracbits.match` compares: compression and size match a size target."""
+    return "bitops" if match == "bitops" else "size"
+
+
 def check_inputs():
     alphas = [float(a) for a in config["alphas"]]
     if min(alphas) <= 0:
@@ -76,7 +81,7 @@ def check_inputs():
             "run per alpha at that run's cost), or give fracbits.targets"
         )
     cost = config.get("stages", {}).get("fracbits", {}).get("fracbits", {}).get("cost")
-    needed = "bitops" if FRACBITS["match"] == "bitops" else "size"  # compression and size match a size target
+    needed = matched_cost(FRACBITS["match"])
     if "fracbits" in METHODS and FRACBITS["match"] and cost not in (None, needed):
         raise ValueError(
             f"fracbits.match: {FRACBITS['match']} needs stages.fracbits.fracbits.cost: {needed}, got {cost}; "
@@ -137,7 +142,7 @@ def stage_config(stage, alpha=None, seed=1, variant=None, point=None, validate_o
     if stage == "fracbits" and point.startswith("alpha-"):  # the target comes from the BSQ run's metrics
         match = FRACBITS["match"]
         cfg = _merge(cfg, {"fracbits": {"match": match}})
-        cfg["fracbits"].setdefault("cost", "bitops" if match == "bitops" else "size")
+        cfg["fracbits"].setdefault("cost", matched_cost(match))
     elif stage == "fracbits":
         cfg = _merge(cfg, {"fracbits": {"target": float(point.removeprefix("target-"))}})
     if stage == "uniform":
