@@ -83,20 +83,60 @@ def _batches_dir(root: str | Path) -> Path:
     )
 
 
+# The only globals a CIFAR-10 batch (or a legitimate re-pickled copy) references: numpy array reconstruction as
+# numpy 1 and numpy 2 name it (protocol <= 4: _reconstruct + ndarray + dtype; protocol 5: _frombuffer + dtype) and
+# _codecs.encode, which Python 3 uses for bytes in protocol-2 pickles. dict, list, str, bytes and int need none.
+_CIFAR_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only `_CIFAR_GLOBALS`: a planted batch file cannot name a callable (os.system,
+    builtins.exec, ...), so no code runs while reading the dataset."""
+
+    def __init__(self, file: Any, path: Path) -> None:
+        super().__init__(file, encoding="latin1")
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _CIFAR_GLOBALS:
+            return super().find_class(module, name)
+        raise BSQError(
+            f"{self.path} references the forbidden global {module}.{name}; CIFAR-10 batches hold only numpy arrays, "
+            "lists and strings, so this is not a CIFAR-10 batch; re-copy or re-download the dataset."
+        )
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    """(uint8 N x 3 x 32 x 32, labels) of one batch file; any unreadable file is a BSQError naming it."""
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, path).load()
+        data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        return data, batch["labels"]
+    except BSQError:
+        raise  # a forbidden global: the message already names the file and the fix
+    except (OSError, pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError) as exc:
+        raise BSQError(f"cannot read CIFAR-10 batch {path}: {exc}. Re-copy or re-download the dataset.") from exc
+
+
 def read_cifar10(root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (images uint8 N x 3 x 32 x 32, labels int64 N) in the files' original order."""
     folder = _batches_dir(root)
     images, labels = [], []
     for name in _TRAIN_FILES if train else _TEST_FILES:
-        path = folder / name
-        try:
-            with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="latin1")
-            data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:
-            raise BSQError(f"cannot read CIFAR-10 batch {path}: {exc}. Re-copy or re-download the dataset.") from exc
+        data, batch_labels = _read_batch(folder / name)
         images.append(torch.from_numpy(data.copy()))
-        labels.append(torch.tensor(batch["labels"], dtype=torch.long))
+        labels.append(torch.tensor(batch_labels, dtype=torch.long))
     return torch.cat(images), torch.cat(labels)
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import itertools
+import os
+import pickle
+import shlex
 
 import numpy as np
 import pytest
@@ -308,6 +311,102 @@ def test_wnid_list():
     assert len(wnids) == 1000 and wnids[0] == "n01440764" and wnids == sorted(wnids)
 
 
+# ---- CIFAR-10 pickles: the restricted unpickler -------------------------------------------------------------------
+
+
+def _cifar_batch(seed: int, n: int = 20) -> dict:
+    """A batch with the official keys and types: str label, list of int labels, uint8 (n, 3072) data, str names."""
+    rng = np.random.default_rng(seed)
+    return {
+        "batch_label": f"synthetic batch {seed}",
+        "labels": rng.integers(0, 10, n).tolist(),
+        "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        "filenames": [f"img_{seed}_{i}.png" for i in range(n)],
+    }
+
+
+def _write_cifar(folder, protocol: int, train_first: dict | None = None) -> dict[str, dict]:
+    """cifar-10-batches-py under ``folder``; ``train_first`` replaces data_batch_1's content."""
+    batches = {name: _cifar_batch(seed) for seed, name in enumerate([f"data_batch_{i}" for i in range(1, 6)])}
+    batches["test_batch"] = _cifar_batch(9)
+    if train_first is not None:
+        batches["data_batch_1"] = train_first
+    out = folder / "cifar-10-batches-py"
+    out.mkdir(parents=True)
+    for name, batch in batches.items():
+        (out / name).write_bytes(pickle.dumps(batch, protocol=protocol))
+    return batches
+
+
+class _Exec:
+    """Unpickling calls builtins.exec, which creates the marker file."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+class _System:
+    """Unpickling calls os.system (pickled as posix.system), which touches the marker file."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(self.marker)}",)
+
+
+# Pickle writes a global as "module name"; protocols < 3 use the Python 2 module names (builtins -> __builtin__).
+_PLANTED = [
+    (_Exec, 2, "__builtin__.exec"),
+    (_Exec, pickle.HIGHEST_PROTOCOL, "builtins.exec"),
+    (_System, 2, f"{os.system.__module__}.system"),  # posix.system on Linux
+    (_System, pickle.HIGHEST_PROTOCOL, f"{os.system.__module__}.system"),
+]
+
+
+@pytest.mark.parametrize(("payload", "protocol", "forbidden"), _PLANTED)
+def test_planted_batch_is_refused_and_its_code_never_runs(tmp_path, payload, protocol, forbidden):
+    control = tmp_path / "control_marker"
+    pickle.loads(pickle.dumps({"labels": payload(control)}, protocol=protocol))  # live under plain pickle
+    assert control.exists()
+    marker = tmp_path / "marker"
+    planted = {**_cifar_batch(0), "labels": payload(marker)}  # after a legitimate array: checked per global
+    _write_cifar(tmp_path / "data", protocol=protocol, train_first=planted)
+    with pytest.raises(BSQError) as info:
+        read_cifar10(tmp_path / "data", train=True)
+    message = str(info.value)
+    assert f"forbidden global {forbidden}" in message and "data_batch_1" in message
+    assert "this is not a CIFAR-10 batch; re-copy or re-download the dataset" in message
+    assert not marker.exists()
+    with pytest.raises(BSQError, match="forbidden global"):  # the config path reads through the same loader
+        build_loaders(DataConfig(name="cifar10", root=str(tmp_path / "data")), seed=0)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_numpy_pickles_load_at_any_protocol(tmp_path, protocol):
+    batches = _write_cifar(tmp_path, protocol)
+    raw = (tmp_path / "cifar-10-batches-py" / "data_batch_1").read_bytes()
+    # protocol 2 from Python 3 encodes the array bytes with _codecs.encode; protocol 5 rebuilds with _frombuffer
+    assert (b"_codecs" in raw) == (protocol == 2) and (b"_frombuffer" in raw) == (protocol >= 5)
+    for train, names in ((True, [f"data_batch_{i}" for i in range(1, 6)]), (False, ["test_batch"])):
+        images, labels = read_cifar10(tmp_path, train=train)
+        expected = np.concatenate([batches[n]["data"] for n in names]).reshape(-1, 3, 32, 32)
+        assert images.dtype == torch.uint8 and torch.equal(images, torch.from_numpy(expected))
+        assert labels.tolist() == sum((batches[n]["labels"] for n in names), [])
+
+
+def test_truncated_batch_is_a_clear_error(tmp_path):
+    _write_cifar(tmp_path, protocol=2)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(BSQError, match="cannot read CIFAR-10 batch .*test_batch.*Re-copy or re-download"):
+        read_cifar10(tmp_path, train=False)
+
+
 # ---- real data (../shared/data) --------------------------------------------------------------------------------
 
 
@@ -324,6 +423,17 @@ def test_cifar10_recon(shared_data):
     loaders.train.set_epoch(0)
     x, y = next(iter(loaders.train))
     assert x.shape == (128, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+
+
+@pytest.mark.shared_data
+def test_real_cifar_batch_loads_through_the_restricted_unpickler(shared_data):
+    """The real files (numpy-1 pickles, protocol 2) need only allowed globals and give plain pickle's arrays."""
+    path = shared_data / "cifar10_recon" / "cifar-10-batches-py" / "test_batch"
+    with open(path, "rb") as f:  # trusted read-only copy: the reference
+        reference = pickle.load(f, encoding="latin1")
+    images, labels = read_cifar10(shared_data / "cifar10_recon", train=False)
+    assert torch.equal(images, torch.from_numpy(reference["data"].reshape(-1, 3, 32, 32)))
+    assert labels.tolist() == reference["labels"] and len(labels) == 10_000
 
 
 @pytest.mark.shared_data
