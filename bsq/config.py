@@ -29,6 +29,8 @@ __all__ = [
     "SpeedConfig",
     "TrackingConfig",
     "StageConfig",
+    "MIN_EPOCHS",
+    "check_epochs",
     "load_stage_config",
     "config_to_dict",
 ]
@@ -56,6 +58,20 @@ RECIPES: dict[str, dict[str, Any]] = {
     # baseline trains with the same recipe, so both baselines get the same budget of epochs.
     "fracbits": FRACBITS_RECIPE,
     "uniform": FRACBITS_RECIPE,
+}
+
+
+# Fewest training epochs each stage can run: a search or finetune of 0 epochs would save its input unchanged under a
+# new name, and FracBits needs a search epoch and a finetune epoch. Pretrain may train 0 epochs only when it imports
+# a checkpoint (an input, so the stage re-checks it); prune and evaluate train nothing.
+MIN_EPOCHS: dict[str, int] = {
+    "pretrain": 1,
+    "search": 1,
+    "finetune": 1,
+    "prune": 0,
+    "evaluate": 0,
+    "fracbits": 2,
+    "uniform": 1,
 }
 
 
@@ -444,10 +460,43 @@ def _build(cls: type, values: Any, where: str, stage: str) -> Any:
         raise BSQError(f"invalid value in the {stage} config section {where.rstrip('.') or '(top)'}: {exc}") from exc
 
 
-def load_stage_config(stage: str, config: Mapping[str, Any] | StageConfig | None = None) -> StageConfig:
-    """Validate `config` for `stage`, filling the stage's recipe defaults for unset optimiser keys."""
+def check_epochs(config: StageConfig, imports_checkpoint: bool | None = None) -> None:
+    """Refuse a stage length the stage cannot run, so that it fails when the config is read (and the workflow's
+    dry run) rather than when the job starts. `imports_checkpoint`: whether pretrain imports a checkpoint (None =
+    not known yet: pretrain's own check at run time decides)."""
+    stage, epochs = config.stage, config.optim.epochs
+    if stage == "fracbits":
+        config.fracbits.search_epochs_of(epochs)  # raises for < 2 epochs or no finetune epoch left
+        return
+    if stage == "pretrain" and epochs == 0:
+        if imports_checkpoint is False:
+            raise BSQError(
+                "pretrain with optim.epochs = 0 trains nothing: give a checkpoint to import (workflow: pretrained; "
+                "CLI: --import-checkpoint) or set optim.epochs >= 1"
+            )
+        return
+    if epochs < MIN_EPOCHS[stage]:
+        raise BSQError(f"the {stage} stage needs optim.epochs >= {MIN_EPOCHS[stage]}, got {epochs}")
+
+
+def load_stage_config(
+    stage: str,
+    config: Mapping[str, Any] | StageConfig | None = None,
+    *,
+    imports_checkpoint: bool | None = None,
+) -> StageConfig:
+    """Validate `config` for `stage`, filling the stage's recipe defaults for unset optimiser keys, and check that
+    the stage can run that many epochs (see check_epochs)."""
     if isinstance(config, StageConfig):
-        return dataclasses.replace(config, stage=stage)
+        cfg = dataclasses.replace(config, stage=stage)
+    else:
+        cfg = _build(StageConfig, _with_recipe(stage, config), "", stage)
+    check_epochs(cfg, imports_checkpoint)
+    return cfg
+
+
+def _with_recipe(stage: str, config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A copy of `config` for `stage` whose unset optimiser keys take the stage's recipe."""
     if stage not in STAGES:
         raise BSQError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     values = copy.deepcopy(dict(config or {}))
@@ -457,7 +506,7 @@ def load_stage_config(stage: str, config: Mapping[str, Any] | StageConfig | None
     optim = values.get("optim", {})
     if isinstance(optim, Mapping):
         values["optim"] = {**RECIPES[stage], **optim}
-    return _build(StageConfig, values, "", stage)
+    return values
 
 
 def config_to_dict(config: StageConfig) -> dict[str, Any]:

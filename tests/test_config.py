@@ -67,3 +67,37 @@ def test_bad_values_name_the_key(values, message):
 def test_config_for_another_stage_is_refused():
     with pytest.raises(BSQError, match="for stage 'search', not 'prune'"):
         load_stage_config("prune", {"stage": "search"})
+
+
+@pytest.mark.parametrize(
+    "stage, values, message",
+    [
+        ("search", {"optim": {"epochs": 0}}, "the search stage needs optim.epochs >= 1, got 0"),
+        ("finetune", {"optim": {"epochs": 0}}, "the finetune stage needs optim.epochs >= 1, got 0"),
+        ("uniform", {"optim": {"epochs": 0}}, "the uniform stage needs optim.epochs >= 1, got 0"),
+        ("fracbits", {"optim": {"epochs": 1}}, "FracBits needs optim.epochs >= 2 (search, then finetune), got 1"),
+        ("fracbits", {"optim": {"epochs": 4}, "fracbits": {"search_epochs": 4}}, "leaves no finetune epoch"),
+    ],
+)
+def test_a_stage_too_short_to_run_fails_when_its_config_is_read(stage, values, message):
+    """The epoch minimums live in the config check, so a dry run refuses them instead of the job at its start."""
+    with pytest.raises(BSQError) as err:
+        load_stage_config(stage, values)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "stage, epochs", [("search", 1), ("finetune", 1), ("uniform", 1), ("fracbits", 2), ("prune", 0), ("evaluate", 0)]
+)
+def test_the_shortest_runnable_stage_is_accepted(stage, epochs):
+    assert load_stage_config(stage, {"optim": {"epochs": epochs}}).optim.epochs == epochs
+
+
+def test_pretrain_of_zero_epochs_needs_an_import_when_that_is_known():
+    """0 epochs only imports a model: refused when the caller knows nothing is imported, left to the stage when the
+    import (an input) is not known yet."""
+    zero = {"optim": {"epochs": 0}}
+    with pytest.raises(BSQError, match="pretrain with optim.epochs = 0 trains nothing"):
+        load_stage_config("pretrain", zero, imports_checkpoint=False)
+    assert load_stage_config("pretrain", zero, imports_checkpoint=True).optim.epochs == 0
+    assert load_stage_config("pretrain", zero).optim.epochs == 0
