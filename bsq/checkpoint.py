@@ -6,8 +6,6 @@ half-written file where a finished one is expected.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +13,12 @@ import torch
 from torch import nn
 
 import bsq
+from bsq.atomic import atomic_write
 from bsq.errors import BSQError
 
 __all__ = [
     "FORMAT",
+    "ForeignCheckpoint",
     "save_checkpoint",
     "load_checkpoint",
     "model_form",
@@ -32,21 +32,22 @@ FORMAT = "bsq-repro-checkpoint"
 FORMAT_VERSION = 1
 
 
+class ForeignCheckpoint(BSQError):
+    """A readable file that is not a bsq-repro checkpoint (e.g. one of the authors' own files)."""
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path` (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda handle: torch.save(payload, handle), binary=True, fsync=True)
+
+
+def non_finite_tensors(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of a state dict holding NaN or infinity."""
+    return [
+        name
+        for name, value in state.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -68,9 +69,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                 " It looks like a checkpoint of the authors' code: import it with `bsq pretrain --import-checkpoint` "
                 "or evaluate it with `bsq evaluate --checkpoint PATH --arch ARCH`."
             )
-        raise BSQError(f"{path} is not a bsq-repro checkpoint.{hint}")
+        raise ForeignCheckpoint(f"{path} is not a bsq-repro checkpoint.{hint}")
     if ckpt.get("format_version", 0) > FORMAT_VERSION:
         raise BSQError(f"{path} was written by a newer bsq-repro ({ckpt.get('bsq_version')}); upgrade the package")
+    bad = non_finite_tensors(ckpt.get("state_dict") or {})
+    if bad:
+        raise BSQError(
+            f"{path} holds NaN or infinite values in {len(bad)} tensor(s) ({', '.join(bad[:4])}): the "
+            f"{ckpt.get('stage', 'upstream')} run that wrote it diverged. Re-run that stage with a lower optim.lr "
+            "(or bsq.alpha for a search); nothing downstream can use this file."
+        )
     return ckpt
 
 

@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-from bsq.errors import BSQError
+from bsq.errors import BSQError, StageInterrupted
+from bsq.signals import stop_signals_raise
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -170,7 +172,9 @@ def _run_stage(args: argparse.Namespace) -> None:
         inputs["budget"] = args.budget
     outputs: dict[str, Any] = dict(default_outputs(args.command, args.out_dir)) if args.out_dir else {}
     outputs.update(_pairs(args.output, "--output"))
-    extra = {"weight_bits": args.weight_bits} if args.command == "evaluate" else {}
+    extra: dict[str, Any] = {"weight_bits": args.weight_bits} if args.command == "evaluate" else {}
+    if args.command == "finetune":
+        extra["allow_unpruned"] = args.allow_unpruned
     metrics = STAGE_MODULES[args.command].run(config, inputs, outputs, **extra)
     print(json.dumps(metrics, default=str))
 
@@ -201,6 +205,11 @@ def _add_stage(sub, stage: str, help_text: str) -> None:
         p.add_argument("--import-checkpoint", help="start from this float checkpoint (ours or the authors')")
     if stage == "finetune":
         p.add_argument("--scheme", help="scheme.json: finetune a float checkpoint at these precisions (scratch)")
+        p.add_argument(
+            "--allow-unpruned",
+            action="store_true",
+            help="accept a search checkpoint (skipping prune: its planes are not re-quantized first)",
+        )
     if stage == "evaluate":
         p.add_argument("--weight-bits", type=int, help="quantize an official float checkpoint to N bits first")
     if stage == "fracbits":
@@ -243,13 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
-        args.func(args)
+        with stop_signals_raise():  # SIGTERM / SIGHUP end the job as Ctrl-C does (bsq.signals)
+            args.func(args)
     except BSQError as exc:
         print(f"bsq: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("bsq: interrupted; run the same command again to resume from the last completed epoch", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        why = str(exc) if isinstance(exc, StageInterrupted) else "interrupted"
+        print(f"bsq: {why}; run the same command again to resume from the last completed epoch", file=sys.stderr)
+        return 128 + (exc.signum if isinstance(exc, StageInterrupted) else signal.SIGINT)
     return 0
 
 

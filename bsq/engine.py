@@ -8,15 +8,17 @@ weights. Everything else (schedule, evaluation, best-epoch tracking, resume file
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +30,8 @@ __all__ = [
     "resolve_device",
     "Distributed",
     "epoch_seed",
+    "init_seed",
+    "seed_all",
     "make_optimizer",
     "set_lr",
     "train_one_epoch",
@@ -146,8 +150,16 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**31 - 1)
 
 
+def init_seed(seed: int) -> int:
+    """Seed of what is drawn before the first epoch (model initialisation, PACT clips): a stream of its own,
+    distinct from every epoch's, so that a run's starting weights are a pure function of its seed."""
+    return epoch_seed(seed, -1)
+
+
 def seed_all(seed: int) -> None:
+    """Seed every generator a stage may draw from: Python's, NumPy's global one, torch's (CPU and CUDA)."""
     random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
@@ -198,7 +210,7 @@ def _check_finite(loss_sum: torch.Tensor, where: str) -> None:
     if not torch.isfinite(loss_sum):
         raise NonFiniteLoss(
             f"the training loss became {loss_sum.item()} ({where}). Training diverged: lower optim.lr (or bsq.alpha "
-            "for the search) and re-run; the last completed epoch's resume file is kept."
+            "for the search) and re-run."
         )
 
 
@@ -373,6 +385,20 @@ class Trainer:
         wrapped = self.dist.wrap(self.speed.prepare(model))
         return torch.compile(wrapped) if self.speed.compile else wrapped
 
+    def _train_epoch(self, wrapped: nn.Module, epoch: int) -> dict[str, float]:
+        model, hooks = self.model, self.hooks
+        return train_one_epoch(
+            wrapped,
+            self.train_loader,
+            self.optimizer,
+            self.dist.device,
+            after_backward=(lambda: hooks.after_backward(model)) if hooks.after_backward else None,
+            after_step=(lambda: hooks.after_step(model)) if hooks.after_step else None,
+            progress=self.progress,
+            desc=f"epoch {epoch + 1}/{self.optim.epochs}",
+            speed=self.speed,
+        )
+
     def fit(self) -> FitResult:
         model, hooks = self.model, self.hooks
         wrapped = self._wrap(model)
@@ -392,17 +418,8 @@ class Trainer:
             set_lr(self.optimizer, lr)
             self.train_loader.set_epoch(epoch)
             started = time.perf_counter()
-            train = train_one_epoch(
-                wrapped,
-                self.train_loader,
-                self.optimizer,
-                self.dist.device,
-                after_backward=(lambda: hooks.after_backward(model)) if hooks.after_backward else None,
-                after_step=(lambda: hooks.after_step(model)) if hooks.after_step else None,
-                progress=self.progress,
-                desc=f"epoch {epoch + 1}/{self.optim.epochs}",
-                speed=self.speed,
-            )
+            with _explain_divergence(epoch, self.start_epoch, self.save_resume is not None):
+                train = self._train_epoch(wrapped, epoch)
             trained = time.perf_counter()
             test = evaluate(model, self.test_loader, self.dist.device, self.progress, self.speed)
             # Wall-clock figures for users' planning; excluded from determinism checks.
@@ -425,7 +442,32 @@ class Trainer:
         return FitResult(model, self.history, self.best, self.best_state)
 
 
+@contextlib.contextmanager
+def _explain_divergence(epoch: int, start_epoch: int, saves_resume: bool) -> Iterator[None]:
+    """Says whether a diverged run can be resumed: only when an earlier epoch of this run left a resume file."""
+    try:
+        yield
+    except NonFiniteLoss as exc:
+        if saves_resume and epoch > 0:
+            kept = f" The resume file of epoch {epoch} is kept; re-running the same command resumes from it."
+        elif epoch == start_epoch == 0:
+            kept = " No epoch completed, so there is nothing to resume from."
+        else:
+            kept = ""
+        raise NonFiniteLoss(f"{exc}{kept}") from None
+
+
 def _format_row(row: dict[str, float]) -> str:
-    keys = ("epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "penalty", "avg_bits", "train_seconds")
+    keys = (
+        "epoch",
+        "lr",
+        "train_loss",
+        "train_top1",
+        "test_loss",
+        "test_top1",
+        "train_penalty",
+        "avg_bits",
+        "train_seconds",
+    )
     parts = [f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in keys if k in row]
     return " ".join(parts)

@@ -219,7 +219,7 @@ def target_from_budget(budget: dict[str, Any], match: str, cost: CostModel) -> f
     if match == "compression":
         if cost.kind != "size":
             raise BSQError("fracbits.match: compression needs fracbits.cost: size")
-        compression = float(budget["compression"])
+        compression = _budget_number(budget, "compression")
         counted = sum(e.params + e.bias for e in cost.entries if isinstance(e.module, FracLayer))
         return FLOAT_BITS / compression * counted / 8e6
     key = {"size": "size_mb", "bitops": "bitops_g"}.get(match)
@@ -227,6 +227,18 @@ def target_from_budget(budget: dict[str, Any], match: str, cost: CostModel) -> f
         raise BSQError(f"fracbits.match must be compression, size or bitops, got {match!r}")
     if cost.kind != match:
         raise BSQError(f"fracbits.match: {match} needs fracbits.cost: {match}")
+    return _budget_number(budget, key)
+
+
+def _budget_number(budget: dict[str, Any], key: str) -> float:
+    """A positive, finite number of the budget file (a BSQ run's metrics.json), or a clear error."""
     if key not in budget:
         raise BSQError(f"the budget file has no {key}; give the metrics.json of a BSQ prune or evaluate run")
-    return float(budget[key])
+    value = budget[key]
+    number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise BSQError(
+            f"the budget's {key} must be a number > 0, got {value!r}; give the metrics.json of a finished BSQ prune "
+            "or evaluate run (an all-0-bit model has no finite budget)"
+        )
+    return number

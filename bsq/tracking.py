@@ -18,13 +18,14 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from bsq.errors import BSQError
+from bsq.signals import critical
 
-__all__ = ["default_tracking_uri", "flatten_params", "config_hash", "git_commit", "Tracker"]
+__all__ = ["default_tracking_uri", "flatten_params", "config_hash", "git_commit", "Tracker", "check_tracking_uri"]
 
 MAX_PARAM_LENGTH = 6000  # MLflow 3's limit on a param value
 _METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. /]")
@@ -89,7 +90,8 @@ def _is_locked_error(exc: BaseException) -> bool:
 
 class Tracker:
     """One MLflow run for one stage job; a context manager that ends the run FINISHED, FAILED on an exception or
-    KILLED on KeyboardInterrupt (the exception propagates). `enabled=False` makes every method a no-op."""
+    KILLED on KeyboardInterrupt or a stop signal (the exception propagates; its text becomes the run's
+    `bsq.failure` tag). `enabled=False` makes every method a no-op."""
 
     def __init__(
         self,
@@ -166,7 +168,7 @@ class Tracker:
         """Call `fn` under the lock, retrying the transient "database is locked" of SQLite."""
         for attempt in range(RETRIES):
             try:
-                with self._locked():
+                with critical(), self._locked():  # a stop signal waits until the record is written
                     return fn(*args, **kwargs)
             except Exception as exc:
                 if attempt == RETRIES - 1 or not _is_locked_error(exc):
@@ -251,10 +253,101 @@ class Tracker:
     def __enter__(self) -> Tracker:
         return self
 
+    def close_stale(self, run_ids: Iterable[str | None], why: str) -> list[str]:
+        """End as KILLED the runs a dead process left RUNNING (found through its folder lock or resume file);
+        returns the ids it closed. Runs that ended, or that this tracker continues, are left alone."""
+        closed = []
+        for run_id in {r for r in run_ids if r and r != self.run_id} if self.enabled else ():
+            try:
+                status = self.client.get_run(run_id).info.status
+            except Exception:  # deleted, or from another store: nothing to close here
+                continue
+            if status == "RUNNING":
+                self._write(self.client.set_tag, run_id, "bsq.failure", why)
+                self._write(self.client.set_terminated, run_id, "KILLED")
+                closed.append(run_id)
+        return closed
+
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
             self.finish("FINISHED")
-        else:
+            return False
+        try:
             with contextlib.suppress(Exception):  # never hide the original error behind a tracking one
+                self.set_tags({"bsq.failure": f"{exc_type.__name__}: {exc}"[:MAX_PARAM_LENGTH]})
+        finally:  # even when a stop signal held during that write is raised now: never leave the run RUNNING
+            with contextlib.suppress(Exception):
                 self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
         return False
+
+
+# ---- fail fast on a tracking store that cannot work ----------------------------------------------------------------
+_TRACKING_FIX = (
+    "Start it (`mlflow server --host 127.0.0.1 --port 5000`), fix mlflow_uri / tracking.uri / MLFLOW_TRACKING_URI, "
+    "or set mlflow: false"
+)
+_SERVER_PROBES = ("/health", "/api/2.0/mlflow/experiments/search?max_results=1")
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Refuse a tracking store that cannot work before any job or run starts: MLflow's client retries an unreachable
+    server for minutes per job before it fails. http(s): one GET of the server's /health (then of its experiments
+    API), no retries; sqlite: the store's folder can be created and written (nothing is created here). Other schemes
+    (file:, databricks, ...) are left to MLflow."""
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    if scheme in ("http", "https"):
+        _check_tracking_server(uri, timeout)
+    elif scheme == "sqlite":
+        _check_sqlite_store(uri)
+
+
+def _without_credentials(uri: str) -> str:
+    """The URI without user:password@ (never printed, and urllib cannot send it)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _check_tracking_server(uri: str, timeout: float) -> None:
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    base = _without_credentials(uri).rstrip("/")
+    answers = []
+    for probe in _SERVER_PROBES:
+        try:
+            with urllib.request.urlopen(base + probe, timeout=timeout):
+                return
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):  # a server that wants credentials: MLflow's client sends them
+                return
+            answers.append(f"HTTP {exc.code} from {probe.split('?')[0]}")
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, unknown host, timeout, bad URL
+            reason = getattr(exc, "reason", None) or exc
+            raise BSQError(f"cannot reach the MLflow tracking server at {base} ({reason}). {_TRACKING_FIX}") from None
+    raise BSQError(
+        f"cannot reach the MLflow tracking server at {base} ({'; '.join(answers)}: is it an MLflow server?). "
+        f"{_TRACKING_FIX}"
+    )
+
+
+def _check_sqlite_store(uri: str) -> None:
+    path = uri.removeprefix("sqlite:///").split("?")[0] if uri.startswith("sqlite:///") else ""
+    if not path or path == ":memory:":
+        return
+    db = Path(path).absolute()
+    existing = next(p for p in (db.parent, *db.parent.parents) if p.exists())
+    if not existing.is_dir():
+        problem = f"{existing} is a file, not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"cannot create files in {existing}"
+    elif db.exists() and not os.access(db, os.W_OK):
+        problem = f"{db} is read-only"
+    else:
+        return
+    raise BSQError(
+        f"cannot use the MLflow SQLite store at {uri} ({problem}). Point mlflow_uri / tracking.uri / "
+        "MLFLOW_TRACKING_URI at a folder you can write, or set mlflow: false"
+    )

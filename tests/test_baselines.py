@@ -14,7 +14,9 @@ from bsq.checkpoint import load_checkpoint
 from bsq.errors import BSQError
 from bsq.quant.frac import frac_layers
 from bsq.stages import default_outputs, evaluate, fracbits, pretrain, prune, search, uniform
-from tests.test_stages import _interrupt_after_first_epoch, _runs, tiny_config
+from tests.helpers import mlflow_runs as _runs
+from tests.helpers import tiny_config
+from tests.test_stages import _interrupt_after_first_epoch
 
 
 @pytest.fixture(scope="module")

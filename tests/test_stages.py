@@ -13,20 +13,10 @@ from bsq import engine
 from bsq.checkpoint import load_checkpoint, load_model
 from bsq.errors import BSQError
 from bsq.stages import default_outputs, evaluate, finetune, pretrain, prune, search
+from tests.helpers import mlflow_runs as _runs
+from tests.helpers import tiny_config
 
 ALPHAS = ("1e-1", "5")
-
-
-def tiny_config(tmp_path, **optim) -> dict:
-    return {
-        "seed": 3,
-        "device": "cpu",
-        "data": {"name": "digits", "batch_size": 64, "test_batch_size": 200, "train_subset": 384},
-        "model": {"arch": "resnet8", "width": 4, "act_bits": 4},
-        "optim": {"epochs": 2, "lr": 0.05, "milestones": [1], **optim},
-        "bsq": {"requant_interval": 1},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "test-stages"},
-    }
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +43,6 @@ def pipeline(tmp_path_factory):
         )
         evaluate.run(cfg, {"checkpoint": out[("finetune", alpha)]["checkpoint"]}, out[("evaluate", alpha)])
     return root, out
-
-
-def _runs(root):
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
-    try:
-        return mlflow.search_runs(experiment_names=["test-stages"])
-    finally:
-        mlflow.set_tracking_uri(None)
 
 
 def test_every_declared_output_exists(pipeline):

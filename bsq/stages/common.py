@@ -14,34 +14,27 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from bsq.atomic import atomic_write, write_text_atomic
 from bsq.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from bsq.config import StageConfig, config_to_dict, load_stage_config
 from bsq.data import DatasetInfo, Loaders, build_loaders, dataset_info
-from bsq.engine import Distributed, Hooks, Speed, Trainer
+from bsq.engine import Distributed, Hooks, Speed, Trainer, init_seed, seed_all
 from bsq.errors import BSQError
 from bsq.layout import OUTPUTS
+from bsq.runlock import FolderLock
 
 log = logging.getLogger("bsq")
+__all__ = ["Session", "write_json", "write_history", "write_text_atomic"]
 
 # Keys that do not change the result: excluded from the config hash (a resumed job may move device or store)
 # and logged as tags instead of params.
 VOLATILE = ("device", "progress", "tracking", "data.root", "data.workers", "data.pin_memory", "data.download")
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _json_safe(value: Any) -> Any:
@@ -62,14 +55,13 @@ def write_history(path: str | Path, rows: list[dict[str, Any]]) -> None:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns or ["epoch"])
+
+    def write(handle) -> None:
+        writer = csv.DictWriter(handle, fieldnames=columns or ["epoch"])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
+
+    atomic_write(path, write)
 
 
 def _split_volatile(flat: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -113,9 +105,20 @@ class Session:
         from bsq.tracking import config_hash
 
         self.config_hash = config_hash(self.params)
-        first = Path(next(iter(self.outputs.values())))
-        self.resume_path = first.parent / f".{stage}.resume.pt"
+        self.folder = Path(next(iter(self.outputs.values()))).parent
+        self.resume_path = self.folder / f".{stage}.resume.pt"
+        self.lock = FolderLock(self.folder, stage)
+        self.stale_runs: list[str] = []  # MLflow runs that dead processes left RUNNING in this folder
+        self.resume: dict[str, Any] | None = None
         self.dist = Distributed.from_env(self.cfg.device)
+        self.tracking_uri = self.cfg.tracking.uri or _default_uri(self.cfg.tracking.results_dir)
+        if self.cfg.tracking.enabled and self.dist.is_main:
+            from bsq.tracking import check_tracking_uri
+
+            check_tracking_uri(self.tracking_uri)  # seconds, not MLflow's minutes of retries per job
+        # Everything random before the first epoch (model initialisation, PACT clips, FracBits' probe) draws from
+        # the run's seed; each epoch then reseeds from (seed, epoch) in the Trainer.
+        seed_all(init_seed(self.cfg.seed))
         self.device = self.dist.device
         self.progress = self.cfg.progress if self.cfg.progress is not None else sys.stderr.isatty()
         self.tracker = None
@@ -151,6 +154,15 @@ class Session:
                 f"the {self.stage} stage writes exactly {list(expected)}; missing {missing}, unknown {unknown}. "
                 "Use default_outputs(stage, out_dir) or --out-dir."
             )
+        for path in given.values():
+            blocking = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+            if blocking is not None and not blocking.is_dir():
+                raise BSQError(
+                    f"cannot write {path}: {blocking} is a file, not a folder. Give an output folder (--out-dir) "
+                    "that does not exist yet or is a directory."
+                )
+            if path.is_dir():
+                raise BSQError(f"cannot write {path}: it is a folder. Remove it or choose another output path.")
         return given
 
     # ---- data and model --------------------------------------------------------------------------------------
@@ -205,11 +217,23 @@ class Session:
         return ckpt
 
     # ---- tracking ------------------------------------------------------------------------------------------
-    def open_run(self, parent: dict[str, Any] | None = None, method: str | None = None, **labels: Any):
-        """Start (or, when resuming, reopen) this job's MLflow run; labels and lineage extend the parent's.
+    def open_run(self, parent: dict[str, Any] | None = None, method: str | None = None, **labels: Any) -> RunScope:
+        """Claim the output folder, then start (or, when resuming, reopen) this job's MLflow run; labels and
+        lineage extend the parent's. Use as `with s.open_run(parent) as tracker:`; leaving the block ends the run
+        (FINISHED, FAILED or KILLED) and frees the folder.
 
         The method label is the config's `method` when set, else the stage's own (`method`: fracbits, uniform),
         else the parent's (so prune, finetune and evaluate keep the label of what they continue), else bsq."""
+        if self.dist.is_main:
+            self.lock.acquire()
+        try:
+            tracker = self._start_tracker(parent, method, labels)
+        except BaseException:
+            self.lock.release()
+            raise
+        return RunScope(tracker, self.lock)
+
+    def _start_tracker(self, parent: dict[str, Any] | None, method: str | None, labels: dict[str, Any]):
         from bsq.tracking import Tracker
 
         cfg = self.cfg
@@ -224,6 +248,8 @@ class Session:
             **{k: v for k, v in labels.items() if v is not None},
         }
         upstream = list((parent or {}).get("lineage", []))
+        if self.lock.previous is not None:
+            self.stale_runs.append(self.lock.previous.run_id)
         self.resume = self._read_resume()
         resume_run = self.resume.get("run_id") if self.resume else None
         if self.resume:
@@ -247,13 +273,19 @@ class Session:
         self.tracker = Tracker(
             cfg.tracking.experiment or f"bsq-repro-{cfg.data.name}-{cfg.model.arch}",
             name,
-            uri=cfg.tracking.uri or _default_uri(cfg.tracking.results_dir),
+            uri=self.tracking_uri,
             tags=tags,
             params=self.params,
             parent_run_id=parent_run,
             resume_run_id=resume_run,
             enabled=cfg.tracking.enabled and self.dist.is_main,
         )
+        closed = self.tracker.close_stale(
+            self.stale_runs, f"its process died or was replaced; {self.folder} was taken over by a later run"
+        )
+        if closed:
+            log.warning("closed MLflow run(s) %s left RUNNING by a dead process as KILLED", ", ".join(closed))
+        self.lock.record_run(self.tracker.run_id)
         self.lineage = upstream + [
             {"stage": self.stage, "run_id": self.tracker.run_id, "experiment_id": self.tracker.experiment_id}
         ]
@@ -277,6 +309,7 @@ class Session:
             aside = path.with_name(f"{path.stem}.{ckpt.get('config_hash', 'unknown')}.stale.pt")
             os.replace(path, aside)
             log.warning("resume file is for another config; moved to %s, starting over", aside)
+            self.stale_runs.append(ckpt.get("run_id"))
             return None
         return ckpt
 
@@ -362,6 +395,23 @@ class Session:
         write_json(self.outputs["run"], run)
         self.resume_path.unlink(missing_ok=True)
         return record
+
+
+class RunScope:
+    """The `with` block of one job: yields its Tracker; on leaving, ends the MLflow run and frees the folder."""
+
+    def __init__(self, tracker: Any, lock: FolderLock) -> None:
+        self.tracker, self.lock = tracker, lock
+
+    def __enter__(self) -> Any:
+        return self.tracker
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            self.tracker.__exit__(exc_type, exc, tb)
+        finally:
+            self.lock.release()
+        return False
 
 
 def _default_uri(results_dir: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from bsq.checkpoint import build_model, load_checkpoint, load_model
+from bsq.checkpoint import ForeignCheckpoint, build_model, load_checkpoint, load_model
 from bsq.engine import evaluate
 from bsq.errors import BSQError
 from bsq.metrics import layer_table
@@ -47,21 +47,20 @@ def run(
     path = s.inputs["checkpoint"]
     try:
         parent = load_checkpoint(path)
-    except BSQError as ours:
-        if "not a bsq-repro checkpoint" not in str(ours):
-            raise
-        parent = None
+    except ForeignCheckpoint:
+        parent = None  # one of the authors' files: built from model.arch and the dataset
     if parent is not None:
         s.check_parent(parent)
         if weight_bits is not None:
             raise BSQError("weight_bits is for official float checkpoints; a bsq-repro checkpoint keeps its own bits")
         s.model_args, s.policy = parent["model"], parent["policy"]
     loaders = s.loaders()
+    # Built (and so validated) before the run opens: a wrong file leaves no FAILED run behind.
+    model = _official_model(s, weight_bits) if parent is None else load_model(parent, path=path)
     with s.open_run(parent, source="official" if parent is None else None) as tracker:
         tracker.set_tags(
             {"bsq.checkpoint": str(path), "bsq.checkpoint_stage": parent["stage"] if parent else "official"}
         )
-        model = _official_model(s, weight_bits) if parent is None else load_model(parent, path=path)
         model.to(s.device)
         result = evaluate(model, loaders.test, s.device, s.progress)
         table = layer_table(model)

@@ -19,7 +19,15 @@ from torch import nn
 from bsq.checkpoint import load_model
 from bsq.engine import Hooks, evaluate
 from bsq.errors import BSQError
-from bsq.quant.convert import bit_layers, clamp_bits_, export_scheme, quantize_model, set_form_, to_float_model
+from bsq.quant.convert import (
+    MAX_BITS,
+    bit_layers,
+    clamp_bits_,
+    export_scheme,
+    quantize_model,
+    set_form_,
+    to_float_model,
+)
 from bsq.stages.common import Session
 from bsq.stages.measure import cost_metrics
 
@@ -29,9 +37,29 @@ def _read_scheme(path) -> dict[str, int]:
         scheme = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise BSQError(f"cannot read scheme {path}: {exc}. Use the scheme.json written by the prune stage.") from exc
-    if not isinstance(scheme, dict) or not all(isinstance(v, int) for v in scheme.values()):
+    ints = isinstance(scheme, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in scheme.values())
+    if not ints:
         raise BSQError(f"{path} is not a scheme: expected {{layer: bits}} with integer bits")
+    wrong = {name: bits for name, bits in scheme.items() if not 0 <= bits <= MAX_BITS}
+    if wrong:
+        raise BSQError(
+            f"{path} gives bits outside 0..{MAX_BITS} to {dict(list(wrong.items())[:4])}; a scheme holds 0 (pruned "
+            "layer) to the search's maxbit. Use the scheme.json written by the prune stage."
+        )
     return scheme
+
+
+# Bit-form checkpoints finetune accepts without --allow-unpruned: the final re-quantization has been done.
+PRUNED_STAGES = ("prune", "finetune")
+
+
+def _check_pruned(parent: dict[str, Any], path, allow_unpruned: bool) -> None:
+    if parent["form"] == "bits" and parent.get("stage") not in PRUNED_STAGES and not allow_unpruned:
+        raise BSQError(
+            f"{path} is the output of the {parent.get('stage')} stage, not of prune: finetuning it would skip the "
+            "final re-quantization and train more bits than the scheme BSQ found. Run `bsq prune` on it first and "
+            "finetune prune's model.pt, or pass --allow-unpruned to finetune its planes as they are."
+        )
 
 
 def _zero_pruned_layers(model: nn.Module, scheme: dict[str, int]) -> None:
@@ -43,10 +71,31 @@ def _zero_pruned_layers(model: nn.Module, scheme: dict[str, int]) -> None:
                 layer.set_precision_(1, what)  # all-zero 1-bit planes: to_latent_ turns them into N = 0
 
 
-def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outputs: Mapping[str, Any]) -> dict:
+def _start_model(s: Session, parent: dict[str, Any], scheme: dict[str, int] | None) -> nn.Module:
+    """The latent model finetuning starts from: the pruned bit model, or (train from scratch) the float parent
+    quantized to the scheme."""
+    if scheme is not None:
+        model = load_model(parent, s.activation_overrides(), s.inputs["checkpoint"])
+        quantize_model(model, s.cfg.quant.policy(), scheme={k: max(v, 1) for k, v in scheme.items()})
+        _zero_pruned_layers(model, scheme)
+    else:
+        model = load_model(parent, path=s.inputs["checkpoint"])
+        for _, layer in bit_layers(model):
+            layer.prune_(0.0)  # spec §5.1 step 3: strip all-zero MSB/LSB planes (no `quant` first)
+    set_form_(model, "latent")
+    return model
+
+
+def run(
+    config: Mapping[str, Any] | None,
+    inputs: Mapping[str, Any] | None,
+    outputs: Mapping[str, Any],
+    allow_unpruned: bool = False,
+) -> dict:
     s = Session("finetune", config, inputs, outputs, required_inputs=("checkpoint",), optional_inputs=("scheme",))
     cfg = s.cfg
     parent = s.read_parent("checkpoint", forms=("bits", "float"))
+    _check_pruned(parent, s.inputs["checkpoint"], allow_unpruned)
     scheme = _read_scheme(s.inputs["scheme"]) if "scheme" in s.inputs else None
     if parent["form"] == "float" and scheme is None:
         raise BSQError("finetune from a float checkpoint needs a scheme input (the train-from-scratch baseline)")
@@ -62,19 +111,10 @@ def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outp
     else:
         s.model_args, s.policy = parent["model"], parent["policy"]
     loaders = s.loaders()
+    model = _start_model(s, parent, scheme)  # built (and so validated) before the run opens
     with s.open_run(parent) as tracker:
         if s.resume:
             model = load_model(s.resume, path=s.resume_path)
-        elif scheme is not None:
-            model = load_model(parent, s.activation_overrides(), s.inputs["checkpoint"])
-            quantize_model(model, cfg.quant.policy(), scheme={k: max(v, 1) for k, v in scheme.items()})
-            _zero_pruned_layers(model, scheme)
-        else:
-            model = load_model(parent, path=s.inputs["checkpoint"])
-            for _, layer in bit_layers(model):
-                layer.prune_(0.0)  # spec §5.1 step 3: strip all-zero MSB/LSB planes (no `quant` first)
-        if not s.resume:
-            set_form_(model, "latent")
         model.to(s.device)
         if not s.resume:
             start = evaluate(model, loaders.test, s.device, s.progress)

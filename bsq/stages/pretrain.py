@@ -44,15 +44,13 @@ def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outp
     imported = s.inputs.get("import_checkpoint")
     if cfg.optim.epochs == 0 and not imported:
         raise BSQError("pretrain with optim.epochs = 0 trains nothing: give a checkpoint to import or epochs > 0")
+    # Built (and so validated) before the run opens; the seed fixes the initial weights.
+    model = _import(s, imported) if imported else build_model(s.model_args, "float", None, {})
     with s.open_run(None) as tracker:
         if imported:
             tracker.set_tags({"bsq.imported_from": str(imported)})
         if s.resume:
             model = load_model(s.resume, path=s.resume_path)
-        elif imported:
-            model = _import(s, imported)
-        else:
-            model = build_model(s.model_args, "float", None, {})
         model.to(s.device)
         if imported and not s.resume:
             start = evaluate(model, loaders.test, s.device, s.progress)

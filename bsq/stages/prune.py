@@ -14,6 +14,7 @@ from bsq.metrics import layer_table
 from bsq.quant.convert import requantize_model
 from bsq.stages.common import Session, write_json, write_text_atomic
 from bsq.stages.measure import cost_metrics
+from bsq.stages.search import check_not_degenerate
 
 
 def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outputs: Mapping[str, Any]) -> dict:
@@ -21,10 +22,12 @@ def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outp
     parent = s.read_parent("checkpoint", forms=("bits",))
     s.model_args, s.policy = parent["model"], parent["policy"]
     loaders = s.loaders()
+    model = load_model(parent, path=s.inputs["checkpoint"])
     with s.open_run(parent) as tracker:
-        model = load_model(parent, path=s.inputs["checkpoint"]).to(s.device)
+        model.to(s.device)
         before = evaluate(model, loaders.test, s.device, s.progress)
         scheme = requantize_model(model, s.cfg.quant.maxbit, threshold=0.0)
+        check_not_degenerate(scheme, parent.get("labels", {}).get("alpha"), "after the final re-quantization")
         after = evaluate(model, loaders.test, s.device, s.progress)
         write_json(s.outputs["scheme"], scheme)
         table = layer_table(model)

@@ -33,6 +33,22 @@ def _bit_model(s: Session, parent: dict[str, Any]) -> nn.Module:
     return model
 
 
+class DegenerateScheme(BSQError):
+    """Every quantized layer ended at 0 bits: the model computes a constant, so no table row can use it."""
+
+
+def check_not_degenerate(scheme: dict[str, int], alpha: str | float | None, where: str) -> None:
+    """Stop a search whose penalty zeroed every layer (e.g. alpha 1e30), instead of reporting infinite
+    compression at chance accuracy."""
+    weights = [bits for name, bits in scheme.items() if not name.endswith(".bias")]
+    if weights and not any(weights):
+        strength = f"bsq.alpha={alpha}" if alpha is not None else "the search's alpha"
+        raise DegenerateScheme(
+            f"every quantized layer is at 0 bits {where}: {strength} is so strong that the model computes a "
+            "constant (compression inf, chance accuracy). Use a smaller alpha (e.g. a tenth of it)."
+        )
+
+
 def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outputs: Mapping[str, Any]) -> dict:
     s = Session("search", config, inputs, outputs, required_inputs=("checkpoint",))
     cfg, b = s.cfg, s.cfg.bsq
@@ -46,8 +62,10 @@ def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outp
         "quantize_shortcuts": cfg.quant.quantize_shortcuts,
     }
     loaders = s.loaders()
+    model = _bit_model(s, parent)  # built (and so validated) before the run opens
     with s.open_run(parent, alpha=b.alpha) as tracker:
-        model = load_model(s.resume, path=s.resume_path) if s.resume else _bit_model(s, parent)
+        if s.resume:
+            model = load_model(s.resume, path=s.resume_path)
         model.to(s.device)
         if not s.resume:
             start = evaluate(model, loaders.test, s.device, s.progress)
@@ -58,7 +76,8 @@ def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outp
             if epoch % b.requant_interval:
                 return {}, None
             before = trainer.history[-1]["test_top1"] if trainer.history else s.start_metrics["initial_top1"]
-            requantize_model(m, cfg.quant.maxbit, b.threshold)
+            scheme = requantize_model(m, cfg.quant.maxbit, b.threshold)
+            check_not_degenerate(scheme, b.alpha, f"at the re-quantization of epoch {epoch}")
             after = evaluate(m, loaders.test, s.device, s.progress)["top1"]
             return {"requant_top1_before": before, "requant_top1_after": after}, "reset"
 

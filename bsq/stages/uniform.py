@@ -31,8 +31,10 @@ def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outp
     policy = policy_of(s, w_bits=(bits, bits), a_bits=a_bits, hard=True, init_bits=float(bits))
     s.policy = policy.to_dict()
     loaders = s.loaders()
+    model = frac_model(s, parent, policy)  # built (and so validated) before the run opens
     with s.open_run(parent, method="uniform", bits=bits) as tracker:
-        model = load_model(s.resume, path=s.resume_path) if s.resume else frac_model(s, parent, policy)
+        if s.resume:
+            model = load_model(s.resume, path=s.resume_path)
         model.to(s.device)
         if not s.resume:
             start_eval = evaluate(model, loaders.test, s.device, s.progress)
