@@ -7,7 +7,7 @@ BIN    := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: run report test lint bench clean
+.PHONY: run report test test-slow test-all lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,13 @@ lint: $(VENV)/.installed  ## ruff + snakemake --lint
 	$(BIN)/ruff check .
 	$(BIN)/snakemake --lint
 
-test: lint  ## lint, then the test suite
-	$(BIN)/python -m pytest
+test: lint  ## lint, then the fast test suite (a few minutes on 2 cores)
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: $(VENV)/.installed  ## the end-to-end checks marked slow: the default DAG, signals, DDP (CI runs them)
+	$(BIN)/python -m pytest -m slow
+
+test-all: test test-slow  ## everything CI runs
 
 bench: $(VENV)/.installed  ## FP vs BSQ training-step time
 	$(BIN)/python benchmarks/step_time.py
