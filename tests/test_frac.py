@@ -146,6 +146,27 @@ def test_policy_fixes_first_and_last_layers_and_the_image_input():
     assert all(layer.wbits.requires_grad == (name not in ("conv1", "fc")) for name, layer in layers.items())
 
 
+def test_sat_rescale_divides_by_a_detached_std():
+    """The authors' SAT fc rescale (fracbits.md §1.5) treats std(w_q) as a constant: the fc weight gradient equals
+    a hand-built reference with a detached std, and differs from one that backpropagates through std."""
+    torch.manual_seed(0)
+    fc = dict(frac_layers(_frac("resnet8", FracPolicy(), 10, (3, 32, 32), width=8)))["fc"]
+    assert fc.rescale
+    x, g = torch.rand(16, fc.in_features) * 2, torch.randn(16, fc.out_features)
+    (fc(x) * g).sum().backward()
+
+    def reference(detach: bool) -> torch.Tensor:
+        w = fc.weight.detach().clone().requires_grad_(True)
+        wq = dorefa_weight(w, fc.wbits.detach(), *fc.w_range, True)
+        std = wq.std().detach() if detach else wq.std()
+        out = torch.nn.functional.linear(fc.quantized_input(x).detach(), wq / (math.sqrt(fc.out_features) * std))
+        (out * g).sum().backward()
+        return w.grad
+
+    assert torch.allclose(fc.weight.grad, reference(detach=True), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(fc.weight.grad, reference(detach=False), rtol=1e-2, atol=1e-4)
+
+
 def test_relu_inputs_are_unsigned_and_linear_bottlenecks_signed():
     resnet = _frac("resnet20", FracPolicy(), 10, (3, 32, 32))
     assert not any(bool(layer.signed_input) for name, layer in frac_layers(resnet) if name != "conv1")

@@ -308,7 +308,9 @@ class FracLayer:
     def quantized_weight(self) -> torch.Tensor:
         w = dorefa_weight(self.weight, self.wbits, *self.w_range, self.is_hard)
         if self.rescale:  # SAT on the last layer: quantized weights rescaled to std 1/sqrt(out)
-            w = w / (math.sqrt(self.weight.shape[0]) * w.std().clamp_min(1e-12))
+            # The std is a constant to autograd, as in the authors' code (fracbits.md §1.5): only the scale of the
+            # logits changes; letting the gradient flow through std(w) would change the fc weight gradient.
+            w = w / (math.sqrt(self.weight.shape[0]) * w.std().detach().clamp_min(1e-12))
         return w
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
