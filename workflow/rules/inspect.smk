@@ -1,11 +1,17 @@
 # Convert the configured model to BSQ's initial bit-plane form and record its per-layer costs.
+from bsq.models import list_models
+
+
 rule inspect_model:
     message:
-        "Bit-plane card of {wildcards.arch} at {params.nbits} bits"
+        "Bit-plane card of {params.arch} at {params.nbits} bits"
     output:
         table="results/models/{arch}/layers.csv",
         summary="results/models/{arch}/summary.json",
+    wildcard_constraints:
+        arch=_alternatives(list_models()),  # a registered model name, never arbitrary text in the shell command
     params:
+        arch=lambda wildcards: shlex.quote(wildcards.arch),
         nbits=initial_bits(),
         act_bits=config["act_bits"] or "none",
         out_dir=out_dir,
@@ -20,5 +26,5 @@ rule inspect_model:
     resources:
         mem_mb=2000,
     shell:
-        "{params.launch} inspect --arch {wildcards.arch} --nbits {params.nbits} --act-bits {params.act_bits}"
+        "{params.launch} inspect --arch {params.arch} --nbits {params.nbits} --act-bits {params.act_bits}"
         " --out-dir {params.out_dir} > {log} 2>&1"
