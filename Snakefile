@@ -7,6 +7,12 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
+include: "workflow/rules/config_checks.smk"
+
+
+check_yaml_file("config/config.yaml")  # Snakemake's own YAML error names neither file nor line
+
+
 configfile: "config/config.yaml"
 
 

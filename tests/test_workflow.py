@@ -21,9 +21,10 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 EXPERIMENTS = sorted((PROJECT_ROOT / "config" / "experiments").glob("*.yaml"))
 
 
-def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+def _snakemake(workdir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Snakemake on the project's Snakefile in `workdir`, with a bare environment plus `env`."""
     bin_dir = str(Path(sys.executable).parent)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(workdir), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(workdir), "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
     return subprocess.run(
         [*SNAKEMAKE, "-s", str(PROJECT_ROOT / "Snakefile"), "-d", str(workdir), *args],
         capture_output=True,
@@ -143,7 +144,7 @@ def test_paper_sweep_is_the_papers_alphas():
         (["arch=resnet21"], "'resnet21' is not one of"),
         (["dataset=cifar10", "data_root=/nonexistent/cifar"], "data_root: /nonexistent/cifar does not exist"),
         (["dataset=cifar10"], "data_root is required for dataset cifar10"),
-        (["colour=blue"], "Additional properties are not allowed ('colour'"),
+        (["colour=blue"], "unknown config key colour. Allowed keys: name, dataset,"),
         (["stages={search: {optim: {lrr: 1}}}"], "unknown key(s) optim.lrr"),
         (["stages={finetune: {optim: {epochs: -1}}}"], "optim.epochs"),
         (["pretrained=/nonexistent/model.pth"], "pretrained: /nonexistent/model.pth not found"),

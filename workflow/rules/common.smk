@@ -1,32 +1,25 @@
-# Validate the config first, then derive every path, stage config and target from it (no path spelled twice).
+# Validate the config first (config_checks.smk: one short error per mistake), then derive every path, stage config
+# and target from it (no path spelled twice).
 import json
+import os
 import re
 import shlex
 import sys
 from pathlib import Path
 
-import pandas as pd
 from snakemake.utils import validate
 
 from bsq.layout import FILE_NAMES, OUTPUTS
 
+SCHEMA = load_schema(CONFIG_SCHEMA)
+type_command_line_values(config, SCHEMA)  # `--config fracbits={match: null}` arrives as text
+check_distinct(config)
+check_schema(config, SCHEMA)
+check_workflow_set_keys(config)
+validate(config, schema="../schemas/config.schema.yaml")  # passes now; fills the schema's defaults
+BASELINES = read_baselines(config["baselines"])
 
-def _from_command_line(value):
-    """`--config key=value` passes true/false/null as text; read them as YAML would."""
-    words = {"true": True, "false": False, "null": None, "none": None}
-    return words.get(value.lower(), value) if isinstance(value, str) else value
-
-
-for _key in ("download", "train_from_scratch", "mlflow", "data_root", "pretrained", "mlflow_uri", "width", "act_bits"):
-    if _key in config:
-        config[_key] = _from_command_line(config[_key])
-validate(config, schema="../schemas/config.schema.yaml")
-BASELINES = pd.read_csv(config["baselines"]) if Path(config["baselines"]).is_file() else None
-if BASELINES is None:
-    raise ValueError(f"baselines: {config['baselines']} not found; point it at config/published_baselines.csv")
-validate(BASELINES, schema="../schemas/published_baselines.schema.yaml", set_default=False)
-
-config["seeds"] = [int(seed) for seed in config["seeds"]]  # `--config seeds=[1,2]` arrives as strings
+config["seeds"] = [int(seed) for seed in config["seeds"]]  # `--config seeds=[1,2]` arrives as text
 config["uniform_bits"] = [int(bits) for bits in config["uniform_bits"]]
 METHODS = config["methods"]
 ALPHAS = config["alphas"] if "bsq" in METHODS else []
@@ -80,7 +73,8 @@ def check_inputs():
             "methods has fracbits but nothing sets its targets: keep bsq in methods with fracbits.match (one FracBits "
             "run per alpha at that run's cost), or give fracbits.targets"
         )
-    cost = config.get("stages", {}).get("fracbits", {}).get("fracbits", {}).get("cost")
+    stages = config.get("stages", {})
+    cost = _merge(stages.get("common", {}), stages.get("fracbits", {})).get("fracbits", {}).get("cost")
     needed = matched_cost(FRACBITS["match"])
     if "fracbits" in METHODS and FRACBITS["match"] and cost not in (None, needed):
         raise ValueError(
@@ -103,13 +97,41 @@ def check_inputs():
             raise ValueError(f"data_root: {root} lacks {missing}; ImageNet needs train/ and val/ class folders")
     if config["pretrained"] is not None and not Path(config["pretrained"]).is_file():
         raise ValueError(f"pretrained: {config['pretrained']} not found; give a float checkpoint or null to pretrain")
+    check_stage_configs()
+    check_tracking()
+
+
+def check_stage_configs():
+    """Every stage config the DAG will run, with its real per-job values (each alpha, FracBits point and bit-width),
+    through bsq.config: the checks a job would make when it starts, epoch minimums included."""
     seed = config["seeds"][0]
-    for stage in ("pretrain", "search", "prune", "finetune", "evaluate"):
-        stage_config(stage, alpha=config["alphas"][0], seed=seed, validate_only=True)
+    stage_config("pretrain", seed=seed, validate_only=True)
+    stage_config("evaluate", seed=seed, validate_only=True)
+    for alpha in ALPHAS:
+        for stage in ("search", "prune", "finetune"):
+            stage_config(stage, alpha=alpha, seed=seed, validate_only=True)
+        if config["train_from_scratch"]:
+            stage_config("finetune", alpha=alpha, seed=seed, variant="scratch", validate_only=True)
     for point in method_points("fracbits") if "fracbits" in METHODS else []:
         stage_config("fracbits", seed=seed, point=point, validate_only=True)
     for bits in config["uniform_bits"] if "uniform" in METHODS else []:
         stage_config("uniform", seed=seed, point=f"bits-{bits}", validate_only=True)
+
+
+def check_tracking():
+    """An MLflow store that cannot work fails here, not after minutes of retries in every job."""
+    from bsq.errors import BSQError
+    from bsq.tracking import check_tracking_uri, default_tracking_uri
+
+    if not config["mlflow"]:
+        return
+    uri = config["mlflow_uri"] or default_tracking_uri()  # null: $MLFLOW_TRACKING_URI, else SQLite under results/
+    env = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "mlflow"
+    source = "mlflow_uri" if config["mlflow_uri"] else env
+    try:
+        check_tracking_uri(uri)
+    except BSQError as exc:
+        raise ValueError(f"{source}: {exc}") from None
 
 
 # ---- stage configs: the recipe overrides of config.stages on top of the library's paper defaults --------------
@@ -153,8 +175,9 @@ def stage_config(stage, alpha=None, seed=1, variant=None, point=None, validate_o
         from bsq.config import load_stage_config
         from bsq.errors import BSQError
 
+        imports = config["pretrained"] is not None if stage == "pretrain" else None
         try:
-            load_stage_config(stage, cfg)
+            load_stage_config(stage, cfg, imports_checkpoint=imports)
         except BSQError as exc:
             raise ValueError(f"config stages.{stage}: {exc}") from None
     return cfg
