@@ -143,8 +143,9 @@ def test_stages_the_dag_does_not_run_are_not_checked(workdir):
     assert "uniform" not in _job_counts(result.stdout) and _job_counts(result.stdout)["bsq_search"] == 3
 
 
-def test_null_and_numbers_nested_in_command_line_config_are_read_as_yaml(workdir):
-    """`fracbits.match: null` and a stage's epochs can be given with --config (Snakemake passes them as text)."""
+def test_command_line_values_are_read_as_the_schema_expects(workdir):
+    """`fracbits.match: null` and a stage's epochs can be given with --config (Snakemake passes nested values as
+    text), and a numeric name stays a name."""
     result = _snakemake(
         workdir,
         "-n",
@@ -153,6 +154,7 @@ def test_null_and_numbers_nested_in_command_line_config_are_read_as_yaml(workdir
         "--config",
         "fracbits={match: null, targets: [0.02]}",
         "stages={search: {optim: {epochs: 2, milestones: [1]}}}",
+        "name=2024",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     counts = _job_counts(result.stdout)

@@ -65,7 +65,8 @@ def _scalar(text, types):
 
 
 def _typed(value, node, schema):
-    """`value` with every string converted where its schema node does not allow a string. Snakemake reads nested
+    """`value` typed as its schema node expects: text where only text is allowed, else YAML's reading of the text
+    (a string stays a string where the schema allows one). Snakemake reads nested
     `--config` values with YAML's BaseLoader, so `fracbits={match: null}` arrives as the text 'null' and
     `stages={fracbits: {optim: {epochs: 1}}}` as '1'. Keys the schema does not know are left to its check."""
     node = _resolve(node, schema)
@@ -77,7 +78,12 @@ def _typed(value, node, schema):
         return {k: _typed(v, _FREE if free else (known or {}).get(k), schema) for k, v in value.items()}
     if isinstance(value, list):
         return [_typed(v, _FREE if node is _FREE else node.get("items"), schema) for v in value]
-    return _scalar(value, _types(node)) if isinstance(value, str) else value
+    if isinstance(value, str):
+        return _scalar(value, _types(node))
+    types = _types(node)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and types == ["string"]:
+        return str(value)  # `name=2024`: Snakemake reads a number, the key wants its text
+    return value
 
 
 def type_command_line_values(config, schema):
