@@ -261,10 +261,25 @@ def train_one_epoch(
     if seen == 0:
         raise BSQError("the training loader yielded no batches: the training (sub)set is empty for this rank")
     _check_finite(loss_sum, f"{desc}, end of epoch")
-    out = {"loss": loss_sum.item() / seen, "top1": 100.0 * correct.item() / seen}
+    totals = _sum_over_ranks(
+        torch.stack([loss_sum, correct.to(loss_sum.dtype), torch.tensor(float(seen), device=device)])
+    )
+    loss_total, correct_total, seen_total = totals.tolist()
+    out = {"loss": loss_total / seen_total, "top1": 100.0 * correct_total / seen_total}
     if has_extra:
-        out["penalty"] = extra_sum.item() / steps
+        out["penalty"] = extra_sum.item() / steps  # the same on every rank: it is a function of the shared weights
     return out
+
+
+def _sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Sum over the DDP ranks (each trains on its own shard), so the logged training loss and top-1 cover the
+    whole epoch rather than rank 0's shard; the identity in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
 
 
 @torch.no_grad()
@@ -434,8 +449,8 @@ class Trainer:
                 if self.keep_best:
                     self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             self.history.append(row)
-            print(_format_row(row), file=sys.stderr, flush=True)
             if self.dist.is_main:
+                print(_format_row(row), file=sys.stderr, flush=True)
                 self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
                 if self.save_resume is not None:
                     self.save_resume(model, self._resume_payload(epoch + 1))

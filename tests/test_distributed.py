@@ -370,12 +370,6 @@ def test_slurm_dry_run_launches_training_under_torchrun(slurm_dry_run):
     assert not [c for c in calls if c.split()[0] in SUBMITTING], calls
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="workflow/rules/bsq.smk: prune uses launcher() (torchrun, nproc_per_node=gpus) but asks for "
-    "gpu=min(gpus, 1): with gpus=2 its rank 1 looks for cuda:1 on a one-GPU allocation. Fix: prune's "
-    "launch=f'{shlex.quote(sys.executable)} -m bsq.cli', as evaluate.",
-)
 def test_slurm_dry_run_prunes_in_one_process(slurm_dry_run):
     """Prune does not train (one pass over the test set on one GPU): it needs no torchrun."""
     jobs, _ = slurm_dry_run

@@ -294,7 +294,16 @@ class Session:
     # ---- resume --------------------------------------------------------------------------------------------
     def _read_resume(self) -> dict[str, Any] | None:
         """The resume file of an interrupted run of this same config, else None. A file for another config or a
-        corrupt one is moved aside (never deleted) and the stage starts over."""
+        corrupt one is moved aside (never deleted) and the stage starts over. Under DDP rank 0 decides (it holds
+        the folder lock) and the other ranks read what it kept."""
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return load_checkpoint(self.resume_path) if self.resume_path.exists() else None
+        resume = self._check_resume_file()
+        self.dist.barrier()
+        return resume
+
+    def _check_resume_file(self) -> dict[str, Any] | None:
         path = self.resume_path
         if not path.exists():
             return None

@@ -37,7 +37,7 @@ rule prune:
     params:
         config=stage_args("prune"),
         out_dir=out_dir,
-        launch=launcher(),
+        launch=f"{shlex.quote(sys.executable)} -m bsq.cli",  # one pass over the test set: one process, one GPU
     log:
         f"{LOGS}/prune/alpha-{{alpha}}/seed-{{seed}}.log",
     benchmark:
