@@ -78,8 +78,8 @@ def check_inputs():
     needed = matched_cost(FRACBITS["match"])
     if "fracbits" in METHODS and FRACBITS["match"] and cost not in (None, needed):
         raise ValueError(
-            f"fracbits.match: {FRACBITS['match']} needs stages.fracbits.fracbits.cost: {needed}, got {cost}; "
-            "change one of them"
+            f"fracbits.match: {FRACBITS['match']} needs stages.fracbits.fracbits.cost: {needed}, got {cost} (from "
+            "stages.fracbits or stages.common); change one of them"
         )
     if "uniform" in METHODS and not config["uniform_bits"]:
         raise ValueError("methods has uniform but uniform_bits is empty; give the bit-widths, e.g. [2, 3, 4, 8]")
