@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -118,7 +119,8 @@ def stage_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     elif args.config:
         path = Path(args.config)
         try:
-            config = yaml.safe_load(path.read_text()) or {}
+            with open(path) as handle:  # a file, not its text: YAML's error then names the file with the line
+                config = yaml.safe_load(handle) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise BSQError(f"cannot read config {path}: {exc}") from exc
         if not isinstance(config, dict):
@@ -176,7 +178,8 @@ def _run_stage(args: argparse.Namespace) -> None:
     if args.command == "finetune":
         extra["allow_unpruned"] = args.allow_unpruned
     metrics = STAGE_MODULES[args.command].run(config, inputs, outputs, **extra)
-    print(json.dumps(metrics, default=str))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0's metrics are the job's
+        print(json.dumps(metrics, default=str))
 
 
 def _add_stage(sub, stage: str, help_text: str) -> None:
@@ -189,7 +192,8 @@ def _add_stage(sub, stage: str, help_text: str) -> None:
     p.add_argument("--out-dir", help="write every output under DIR with its standard file name")
     p.add_argument("--checkpoint", help="the input checkpoint (same as --input checkpoint=PATH)")
     p.add_argument("--arch", help="model.arch")
-    p.add_argument("--act-bits", type=lambda v: None if v == "none" else int(v), help="model.act_bits (none = ReLU)")
+    # "none" stays a word here: None would read as "flag not given" and leave the config's act_bits in place
+    p.add_argument("--act-bits", type=lambda v: "none" if v == "none" else int(v), help="model.act_bits (none = ReLU)")
     p.add_argument("--data", help="data.name (digits, cifar10, imagenet)")
     p.add_argument("--data-root", help="data.root")
     p.add_argument("--epochs", type=int, help="optim.epochs")

@@ -325,3 +325,19 @@ def test_two_fresh_dag_runs_give_identical_tables(tmp_path):
         tables.append({p.name: _sha(p) for p in sorted((workdir / "results" / "tables").glob("default*.csv"))})
     assert set(tables[0]) == {"default.csv", "default_runs.csv"}
     assert tables[0] == tables[1]
+
+
+def test_act_bits_none_on_the_command_line_means_float_activations():
+    """`--act-bits none` used to read as "flag not given", leaving the config's 4-bit activations."""
+    args = cli.build_parser().parse_args(["search", "--act-bits", "none", "--set", "model.act_bits=4"])
+    assert cli.stage_config_from_args(args)["model"]["act_bits"] is None
+    args = cli.build_parser().parse_args(["search", "--act-bits", "3"])
+    assert cli.stage_config_from_args(args)["model"]["act_bits"] == 3
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "stage.yaml"
+    bad.write_text("optim:\n  epochs: [1, 2\nseed: 1\n")
+    args = cli.build_parser().parse_args(["pretrain", "--config", str(bad)])
+    with pytest.raises(BSQError, match=f'in "{bad}", line 3'):
+        cli.stage_config_from_args(args)
