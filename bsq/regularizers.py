@@ -12,7 +12,15 @@ from torch import nn
 
 from bsq.quant.convert import bit_layers
 
-__all__ = ["group_norms", "bit_penalty", "add_penalty_grad_", "total_quantized_params", "EPS", "KINDS"]
+__all__ = [
+    "group_norms",
+    "bit_penalty",
+    "official_penalty_sum",
+    "add_penalty_grad_",
+    "total_quantized_params",
+    "EPS",
+    "KINDS",
+]
 
 EPS = 1e-8  # inside the square root, as the official `L1reg`
 KINDS = ("group_lasso", "l1")
@@ -63,6 +71,18 @@ def bit_penalty(model: nn.Module, kind: str = "group_lasso", reweight: bool = Tr
     return total / tp
 
 
+def official_penalty_sum(model: nn.Module, eps: float = EPS) -> torch.Tensor:
+    """R (not yet divided by TP) built from the same autograd ops as the authors' `L1reg` (cat, square, sum, sqrt,
+    sum, x P_l N_l, accumulated layer by layer), for `bsq trace`: its backward rounds exactly as theirs, which the
+    step-by-step reference trajectories need. Same value and gradient as bit_penalty * TP up to float rounding."""
+    terms, _ = _terms(model)
+    total: torch.Tensor | float = 0.0
+    for (pos, neg, _, _), weight in terms:
+        both = torch.cat((pos, neg), 0)
+        total = total + torch.sum(torch.sqrt(eps + torch.sum(both**2, tuple(range(pos.dim() - 1))))) * weight
+    return total  # type: ignore[return-value]
+
+
 @torch.no_grad()
 def add_penalty_grad_(
     model: nn.Module, alpha: float, kind: str = "group_lasso", reweight: bool = True, eps: float = EPS
@@ -80,12 +100,9 @@ def add_penalty_grad_(
     for (pos, neg, _, _), weight in terms:
         w = (weight if reweight else 1) / tp
         if kind == "group_lasso":
-            dims = tuple(range(pos.dim() - 1))
-            norms = torch.sqrt(
-                eps
-                + torch.linalg.vector_norm(pos, dim=dims).square()
-                + torch.linalg.vector_norm(neg, dim=dims).square()
-            )
+            # The same sums of squares as bit_penalty: torch.linalg.vector_norm over many dims is off by up to
+            # 3e-5 (relative) in float32 on CPU for relaxed planes, enough to leave the authors' trajectory.
+            norms = group_norms(pos, neg, eps)
             total += w * norms.sum()
             coef = (alpha * w) / norms
             for t in (pos, neg):

@@ -51,8 +51,9 @@ def int_to_planes(magnitude: torch.Tensor, nbits: int, dtype=torch.float32) -> t
 
 
 def planes_to_unit(pos: torch.Tensor, neg: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """Normalised weight u = sum_b (p_b - n_b) e_b (unclipped; |u| <= 1 for binary planes)."""
-    return (pos - neg) @ e
+    """Normalised weight u = sum_b (p_b - n_b) e_b (unclipped; |u| <= 1 for binary planes), summed in the
+    authors' order (elementwise product, then sum over the planes)."""
+    return ((pos - neg) * e).sum(-1)
 
 
 @torch.no_grad()
@@ -101,8 +102,11 @@ def float_to_planes(weight: torch.Tensor, nbits: int) -> Planes:
 
 
 @torch.no_grad()
-def requantize(planes: Planes, maxbit: int = 8) -> Planes:
+def requantize(planes: Planes, maxbit: int = 8, grow: bool = True) -> Planes:
     """Spec §3.1 (`quant`): collapse relaxed planes onto the grid; +1 bit on overflow below `maxbit`.
+
+    `grow=False` is the paper-era code (the commit before precision increase, `bsq.overflow: saturate`): overflow
+    saturates at every N, as at N >= maxbit.
 
     I± = round(max(±u, 0)(2^N-1)) with u unclipped. At N >= maxbit overflow saturates; otherwise a magnitude
     above 2^N-1 adds one plane and rescales s by (2^N'-1)/(2^(N'-1)-1), so overflowing weights keep their
@@ -113,7 +117,7 @@ def requantize(planes: Planes, maxbit: int = 8) -> Planes:
     k = levels(nbits)
     i_pos = torch.round(u.clamp(min=0) * k)
     i_neg = torch.round((-u).clamp(min=0) * k)
-    if nbits >= maxbit:
+    if nbits >= maxbit or not grow:
         i_pos, i_neg = i_pos.clamp(max=k), i_neg.clamp(max=k)
     elif max(i_pos.max().item(), i_neg.max().item()) > k:
         nbits += 1
@@ -130,18 +134,25 @@ def ones_percent(pos: torch.Tensor, neg: torch.Tensor) -> list[float]:
 
 
 @torch.no_grad()
-def prune(planes: Planes, threshold: float = 0.0, fold_msb: bool = True) -> Planes:
+def prune(planes: Planes, threshold: float = 0.0, fold_msb: bool = True, shares: str = "recompute") -> Planes:
     """Spec §3.2 (`pruning`): drop sparse MSB and LSB planes, correcting the scale; N never goes below 1.
 
     `threshold` is in percent of the tensor's entries. MSB pass: an empty plane is dropped (exact); a plane set
     on fewer than `threshold` % of entries is folded into the lower planes with saturation when `fold_msb`
     (lossy). LSB pass: a plane set on <= `threshold` % is dropped and s doubles. Finally
     s <- s (2^N-1)/(2^N0-1). With threshold 0 only all-zero planes go and the weights are unchanged.
+
+    `shares` (MSB pass, `bsq.prune_shares`): "recompute" tests each plane's share after the folds above it (a
+    fold sets bits in the lower planes); "once" takes every share from the tensor as given, as the authors' code
+    does. They differ only when a fold happens (threshold > 0).
     """
+    if shares not in ("recompute", "once"):
+        raise ValueError(f"shares must be 'recompute' or 'once', got {shares!r}")
     pos, neg, scale, nbits = planes
     n0 = nbits
+    original = ones_percent(pos, neg)
     while nbits > 1:
-        z = ones_percent(pos[..., :1], neg[..., :1])[0]
+        z = original[n0 - nbits] if shares == "once" else ones_percent(pos[..., :1], neg[..., :1])[0]
         if z == 0:
             pass
         elif fold_msb and z < threshold:

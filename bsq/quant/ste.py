@@ -51,7 +51,9 @@ class _PlanesToWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pos, neg, e, scale, k: float):  # type: ignore[override]
         with torch.autocast(pos.device.type, enabled=False):  # `@` would run in bf16 under autocast: keep float32
-            u_c = ((pos - neg) @ e).clamp_(-1.0, 1.0)
+            # sum((p - n) * e) as the authors' `bit_STE` input: a matmul sums in another order, and on relaxed planes
+            # the last-bit difference flips roundings that the step-by-step trajectory checks see
+            u_c = ((pos - neg) * e).sum(-1).clamp_(-1.0, 1.0)
             q = torch.sign(u_c) * torch.round(u_c.abs() * k) / k  # same float ops as bits.dequantize
         ctx.save_for_backward(e, scale, q)
         return scale * q
@@ -76,7 +78,9 @@ class _QuantizeActivation(torch.autograd.Function):
         x = x.float()  # under bf16 autocast the input may be bf16: round in float32, as without autocast
         # clamp_min instead of an `if S == 0` branch: no host sync on GPU, and an all-zero x still maps to 0.
         s = x.detach().abs().amax().clamp_min(torch.finfo(x.dtype).tiny)
-        return s * torch.round(x.abs() * k / s) / k * torch.sign(x)
+        # S * (round(|x| k / S) / k) * sign(x): the authors' order of operations, so that the float32 rounding of
+        # every activation is theirs too (the step-by-step trajectory checks depend on it, official_trajectories)
+        return s * (torch.round(x.abs() * k / s) / k) * torch.sign(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
