@@ -11,6 +11,7 @@ bsq evaluate --checkpoint model_best.pth.tar --arch resnet20 --data cifar10 --da
 bsq fracbits --checkpoint runs/pretrain/model.pt --budget runs/a5e-3/prune/metrics.json --out-dir runs/fb-a5e-3
 bsq fracbits --checkpoint runs/pretrain/model.pt --target 0.08 --out-dir runs/fb-0.08mb  # --set fracbits.cost=bitops
 bsq uniform  --checkpoint runs/pretrain/model.pt --bits 4 --out-dir runs/uniform-w4
+bsq trace    --checkpoint model_best.pth.tar --data-root DIR --preset official-bin --out trace.json   # vs the authors
 
 Stage options: `--config FILE` (YAML/JSON stage config, see bsq.config), `--set key.sub=value` (YAML value),
 shortcuts for common keys, `--input name=PATH`, and `--out-dir DIR` or `--output name=PATH` for every output.
@@ -81,6 +82,7 @@ SHORTCUTS = {
     "target": "fracbits.target",
     "bits": "qat.bits",
     "seed": "seed",
+    "preset": "preset",
     "device": "device",
     "tracking_uri": "tracking.uri",
     "experiment": "tracking.experiment",
@@ -182,6 +184,44 @@ def _run_stage(args: argparse.Namespace) -> None:
         print(json.dumps(metrics, default=str))
 
 
+def _trace(args: argparse.Namespace) -> None:
+    """K search steps from a float checkpoint, printed (and written to --out) as one JSON object in the format
+    of the authors' reference trajectories (bsq.trace)."""
+    from bsq.config import load_stage_config
+    from bsq.trace import run_trace
+
+    config = stage_config_from_args(args)
+    config.setdefault("optim", {}).setdefault("epochs", 1)  # the search's config; trace counts steps, not epochs
+    _set_dotted(config, "tracking.enabled", False)
+    cfg = load_stage_config("search", config)
+    record = run_trace(cfg, args.checkpoint, args.steps, args.alpha, args.lr if args.lr is not None else cfg.optim.lr)
+    text = json.dumps(record, indent=1)
+    if args.out:
+        from bsq.atomic import write_text_atomic
+
+        write_text_atomic(Path(args.out), text + "\n")
+    print(text)
+
+
+def _add_trace(sub) -> None:
+    from bsq.presets import PRESET_NAMES
+
+    p = sub.add_parser("trace", help="K BSQ search steps from a float checkpoint, as the authors' reference runs")
+    p.add_argument("--checkpoint", required=True, help="float checkpoint (the authors' model_best.pth.tar)")
+    p.add_argument("--arch", default="resnet20", help="model.arch (default resnet20)")
+    p.add_argument("--data", default="cifar10", help="data.name: cifar10 (default) or digits")
+    p.add_argument("--data-root", help="data.root: the folder holding cifar-10-batches-py")
+    p.add_argument("--steps", type=int, default=20, help="search steps (default 20)")
+    p.add_argument("--alpha", type=float, default=5.0, help="the authors' --decay: loss = CE + alpha R / TP")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the search recipe's 0.1)")
+    p.add_argument("--preset", help=f"fidelity preset: {', '.join(PRESET_NAMES)} (default: default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. bsq.clamp=none")
+    p.add_argument("--config", help="YAML/JSON stage config (search keys: see bsq.config.StageConfig)")
+    p.add_argument("--seed", type=int, help="seed")
+    p.add_argument("--out", help="also write the JSON object to this file")
+    p.set_defaults(func=_trace, config_json=None, device="cpu")
+
+
 def _add_stage(sub, stage: str, help_text: str) -> None:
     p = sub.add_parser(stage, help=help_text)
     p.add_argument("--config", help="YAML/JSON stage config (keys: see bsq.config.StageConfig)")
@@ -199,6 +239,7 @@ def _add_stage(sub, stage: str, help_text: str) -> None:
     p.add_argument("--epochs", type=int, help="optim.epochs")
     p.add_argument("--lr", type=float, help="optim.lr")
     p.add_argument("--seed", type=int, help="seed")
+    p.add_argument("--preset", help="fidelity preset: default, official-bin, official, paper-era (bsq.presets)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: local SQLite under results/mlflow)")
     p.add_argument("--experiment", help="MLflow experiment name")
@@ -249,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage(sub, "evaluate", "top-1/top-5, bits, compression, size, BitOPs of any checkpoint")
     _add_stage(sub, "fracbits", "FracBits baseline: fractional bits to a cost target, hard assignment, finetune")
     _add_stage(sub, "uniform", "uniform-precision QAT baseline (DoReFa weights, PACT activations)")
+    _add_trace(sub)
     return parser
 
 

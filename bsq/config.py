@@ -17,6 +17,7 @@ from typing import Any
 
 from bsq.data import DataConfig
 from bsq.errors import BSQError
+from bsq.presets import PRESET_NAMES, apply_preset, check_choice
 
 __all__ = [
     "STAGES",
@@ -24,6 +25,7 @@ __all__ = [
     "OptimConfig",
     "QuantConfig",
     "BSQConfig",
+    "FinetuneConfig",
     "FracBitsConfig",
     "QATConfig",
     "SpeedConfig",
@@ -197,6 +199,12 @@ class BSQConfig:
     threshold: float = 0.0  # percent of weights with a bit set below which MSB/LSB planes go (final pass uses 0)
     penalty: str = "group_lasso"  # group_lasso (BSQ) | l1 (element-wise ablation)
     reweight: bool = True  # the P_l N_l / TP memory weighting of Eq. 5
+    # Fidelity switches (bsq.presets): after each step clamp the planes | every non-scale non-bn param (authors'
+    # --bin) | nothing (authors' float start); overflow at re-quantization adds a bit | saturates (paper-era code);
+    # pruning with threshold > 0 recomputes the bit shares after each MSB fold | computes them once (authors).
+    clamp: str = "planes"
+    overflow: str = "grow"
+    prune_shares: str = "recompute"
 
     def __post_init__(self) -> None:
         raw = self.alpha
@@ -224,11 +232,27 @@ class BSQConfig:
         )
         _require(self.penalty in ("group_lasso", "l1"), "bsq.penalty", "group_lasso or l1", self.penalty)
         _require(isinstance(self.reweight, bool), "bsq.reweight", "true or false", self.reweight)
+        for key in ("clamp", "overflow", "prune_shares"):
+            check_choice(f"bsq.{key}", getattr(self, key))
 
     @property
     def value(self) -> float:
         """alpha as a number; `alpha` itself keeps the spelling of the config ("5e-3"), used in labels and paths."""
         return float(self.alpha)
+
+
+@dataclass
+class FinetuneConfig:
+    """Fidelity switches of the finetune stage (spec §5, bsq.md §5.2 erratum; values per preset in bsq.presets)."""
+
+    clamp: str = "latent"  # latent: quantized latent weights to [-1, 1] | official: every `weight` but not `bn`
+    fc_bias: str = "train"  # train | drop (the authors' to_finetune sets pbias = None: no bias in the forward)
+    best_includes_start: bool = False  # the authors count the epoch-0 (pruned, not finetuned) state as a candidate
+    zeroed_layers: str = "zero"  # train from scratch: a layer BSQ zeroed stays 0 | ternary (N = 1 from float)
+
+    def __post_init__(self) -> None:
+        for key in ("clamp", "fc_bias", "best_includes_start", "zeroed_layers"):
+            check_choice(f"finetune.{key}", getattr(self, key))
 
 
 def _bit_range(value: Any, key: str, allow_zero: bool = False) -> list[int]:
@@ -259,8 +283,10 @@ class FracBitsConfig:
     search_epochs: int | None = None  # None = int(0.8 * epochs) + 1 (the official 121 of 150), < epochs
     tolerance: float = 0.01  # the rounded policy must cost within 1 % of the target
     bisection_trials: int = 10
+    blend: str = "floor"  # fractional blend of bits l and l + 1: l = floor(lambda) (ours) | ceil(lambda) - 1 (authors)
 
     def __post_init__(self) -> None:
+        check_choice("fracbits.blend", self.blend)
         _require(self.cost in ("size", "bitops"), "fracbits.cost", "size or bitops", self.cost)
         _require(
             self.match in ("compression", "size", "bitops"), "fracbits.match", "compression, size or bitops", self.match
@@ -390,6 +416,7 @@ class StageConfig:
     can serve a whole pipeline."""
 
     stage: str = "pretrain"
+    preset: str = "default"  # fidelity preset (bsq.presets): default | official-bin | official | paper-era
     method: str | None = None  # label in tables and MLflow tags; None = the stage's own, or its input's (bsq)
     # Extra labels carried to every downstream run and table row, e.g. {variant: scratch, alpha: 5e-3} for the
     # train-from-scratch baseline, whose float parent knows no alpha.
@@ -402,6 +429,7 @@ class StageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     bsq: BSQConfig = field(default_factory=BSQConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     fracbits: FracBitsConfig = field(default_factory=FracBitsConfig)
     qat: QATConfig = field(default_factory=QATConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
@@ -409,6 +437,7 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         _require(self.stage in STAGES, "stage", f"one of {', '.join(STAGES)}", self.stage)
+        _require(self.preset in PRESET_NAMES, "preset", f"one of {', '.join(PRESET_NAMES)}", self.preset)
         _require(
             self.method is None or (isinstance(self.method, str) and self.method),
             "method",
@@ -433,6 +462,7 @@ SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "quant": QuantConfig,
     "bsq": BSQConfig,
+    "finetune": FinetuneConfig,
     "fracbits": FracBitsConfig,
     "qat": QATConfig,
     "speed": SpeedConfig,
@@ -503,6 +533,7 @@ def _with_recipe(stage: str, config: Mapping[str, Any] | None) -> dict[str, Any]
     if values.get("stage", stage) != stage:
         raise BSQError(f"this config is for stage {values['stage']!r}, not {stage!r}")
     values["stage"] = stage
+    values = apply_preset(values)  # the preset's switch values where the config sets none
     optim = values.get("optim", {})
     if isinstance(optim, Mapping):
         values["optim"] = {**RECIPES[stage], **optim}

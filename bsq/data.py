@@ -34,6 +34,7 @@ from bsq.errors import BSQError
 
 __all__ = [
     "read_cifar10",
+    "train_set_in_file_order",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "normalize_cifar",
@@ -685,6 +686,17 @@ def _head(dataset: Any, k: int | None, key: str, what: str) -> Any:
             f"data.{key}={k} exceeds the {len(dataset):,} {what} examples; lower it or set it to null (all of them)"
         )
     return dataset.head(k)
+
+
+def train_set_in_file_order(cfg: DataConfig) -> TensorImageDataset:
+    """The training images in file order and without augmentation: the batches of the authors' reference
+    trajectories (`bsq trace`, official_trajectories.json), whatever `data.augment` says."""
+    cfg = replace(cfg, augment=False)
+    if cfg.name == "digits":
+        return _digits(cfg)[0]
+    if cfg.name == "cifar10":
+        return _cifar10(cfg)[0]
+    raise BSQError(f"bsq trace reads digits or cifar10 training images, not {cfg.name!r}")
 
 
 def build_loaders(

@@ -97,7 +97,7 @@ def summary(model: nn.Module) -> dict[str, float]:
 
 
 @torch.no_grad()
-def projected_bits(model: nn.Module, maxbit: int = 8) -> dict[str, float]:
+def projected_bits(model: nn.Module, maxbit: int = 8, grow: bool = True) -> dict[str, float]:
     """What a re-quantization now would give (spec §3.1-3.2, threshold 0), without touching the model.
 
     The search's relaxed bits are only meaningful after rounding, so this is how its per-epoch progress is
@@ -108,7 +108,7 @@ def projected_bits(model: nn.Module, maxbit: int = 8) -> dict[str, float]:
     params = bits_total = set_bits = positions = 0
     for name, layer in bit_layers(model):
         for what in layer.quantized_tensors():
-            planes = B.requantize(layer.planes(what), maxbit)
+            planes = B.requantize(layer.planes(what), maxbit, grow)
             nonzero = (planes.pos - planes.neg) != 0
             bits = B.prune(planes, 0.0).nbits if bool(nonzero.any()) else 0
             out[f"bits/{name if what == 'weight' else name + '.bias'}"] = bits

@@ -24,6 +24,8 @@ __all__ = [
     "export_integer",
     "requantize_model",
     "clamp_bits_",
+    "clamp_search_",
+    "clamp_finetune_",
     "set_form_",
     "MAX_BITS",
 ]
@@ -176,12 +178,14 @@ def export_integer(model: nn.Module) -> dict[str, IntegerTensor]:
     return out
 
 
-def requantize_model(model: nn.Module, maxbit: int = 8, threshold: float = 0.0) -> dict[str, int]:
-    """Spec §3.0-3.3 on every bit layer: re-binarise (+1 bit on overflow, capped at maxbit), then drop
-    sparse MSB/LSB planes; returns the new scheme. Rebuild the optimizer afterwards (shapes changed)."""
+def requantize_model(
+    model: nn.Module, maxbit: int = 8, threshold: float = 0.0, grow: bool = True, shares: str = "recompute"
+) -> dict[str, int]:
+    """Spec §3.0-3.3 on every bit layer: re-binarise (+1 bit on overflow, capped at maxbit, unless `grow` is
+    off), then drop sparse MSB/LSB planes; returns the new scheme. Rebuild the optimizer afterwards."""
     check_bits("maxbit", maxbit)
     for _, layer in bit_layers(model):
-        layer.requantize_(maxbit, threshold)
+        layer.requantize_(maxbit, threshold, grow=grow, shares=shares)
     return export_scheme(model)
 
 
@@ -189,6 +193,42 @@ def clamp_bits_(model: nn.Module) -> None:
     """Projection after each optimizer step, on the quantized tensors only (spec P2 recommendation)."""
     for _, layer in bit_layers(model):
         layer.clamp_()
+
+
+# Clamp scopes (bsq.presets): search "planes" | "official-bin" | "none"; finetune "latent" | "official".
+SEARCH_CLAMPS = ("planes", "official-bin", "none")
+FINETUNE_CLAMPS = ("latent", "official")
+
+
+@torch.no_grad()
+def _clamp_named_(model: nn.Module, keep, low: float, high: float) -> None:
+    for name, param in model.named_parameters():
+        if keep(name):
+            param.clamp_(low, high)
+
+
+def clamp_search_(model: nn.Module, scope: str = "planes") -> None:
+    """Projection after each search step. "planes": the bit tensors only, to [0, 2] (spec P2); "official-bin":
+    the authors' --bin path, every parameter whose name has neither `scale` nor `bn` to [0, 2] (the shortcut
+    1x1 convs, the shortcut BN `downsample.1.*` and any PACT alpha too); "none": the authors' float-start path."""
+    if scope == "planes":
+        clamp_bits_(model)
+    elif scope == "official-bin":
+        _clamp_named_(model, lambda n: "scale" not in n and "bn" not in n, 0.0, 2.0)
+    elif scope != "none":
+        raise BSQError(f"unknown search clamp scope {scope!r}; use one of {', '.join(SEARCH_CLAMPS)}")
+
+
+def clamp_finetune_(model: nn.Module, scope: str = "latent") -> None:
+    """Projection after each finetune step. "latent": the quantized latent weights to [-1, 1] (spec §5.2);
+    "official": the authors', every parameter whose name has `weight` but not `bn` (float shortcut convs and the
+    shortcut BN's gamma included) to [-1, 1]."""
+    if scope == "latent":
+        clamp_bits_(model)
+    elif scope == "official":
+        _clamp_named_(model, lambda n: "weight" in n and "bn" not in n, -1.0, 1.0)
+    else:
+        raise BSQError(f"unknown finetune clamp scope {scope!r}; use one of {', '.join(FINETUNE_CLAMPS)}")
 
 
 def set_form_(model: nn.Module, form: str) -> None:

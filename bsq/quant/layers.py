@@ -128,11 +128,19 @@ class BitLayer(nn.Module, abc.ABC):
                 self.weight.clamp_(-1.0, 1.0)
 
     @torch.no_grad()
-    def requantize_(self, maxbit: int = 8, threshold: float = 0.0, fold_msb: bool = True) -> None:
-        """`quant(maxbit)` then `pruning(threshold)` (spec §3.1-3.2) on every quantized tensor."""
+    def requantize_(
+        self,
+        maxbit: int = 8,
+        threshold: float = 0.0,
+        fold_msb: bool = True,
+        grow: bool = True,
+        shares: str = "recompute",
+    ) -> None:
+        """`quant(maxbit)` then `pruning(threshold)` (spec §3.1-3.2) on every quantized tensor; `grow` and
+        `shares` are the switches bsq.overflow and bsq.prune_shares (see bits.requantize / bits.prune)."""
         for what in self.quantized_tensors():
-            planes = B.requantize(self.planes(what), maxbit)
-            self._set_planes(what, B.prune(planes, threshold, fold_msb))
+            planes = B.requantize(self.planes(what), maxbit, grow)
+            self._set_planes(what, B.prune(planes, threshold, fold_msb, shares))
 
     @torch.no_grad()
     def prune_(self, threshold: float = 0.0) -> None:

@@ -26,7 +26,7 @@ def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outp
     with s.open_run(parent) as tracker:
         model.to(s.device)
         before = evaluate(model, loaders.test, s.device, s.progress)
-        scheme = requantize_model(model, s.cfg.quant.maxbit, threshold=0.0)
+        scheme = requantize_model(model, s.cfg.quant.maxbit, 0.0, s.cfg.bsq.overflow == "grow")
         check_not_degenerate(scheme, parent.get("labels", {}).get("alpha"), "after the final re-quantization")
         after = evaluate(model, loaders.test, s.device, s.progress)
         write_json(s.outputs["scheme"], scheme)

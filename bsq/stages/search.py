@@ -16,7 +16,7 @@ from bsq.checkpoint import load_model
 from bsq.engine import Hooks, evaluate
 from bsq.errors import BSQError
 from bsq.metrics import projected_bits, summary
-from bsq.quant.convert import bit_layers, clamp_bits_, quantize_model, requantize_model, set_form_
+from bsq.quant.convert import bit_layers, clamp_search_, quantize_model, requantize_model, set_form_
 from bsq.regularizers import add_penalty_grad_, bit_penalty
 from bsq.stages.common import Session
 
@@ -76,7 +76,7 @@ def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outp
             if epoch % b.requant_interval:
                 return {}, None
             before = trainer.history[-1]["test_top1"] if trainer.history else s.start_metrics["initial_top1"]
-            scheme = requantize_model(m, cfg.quant.maxbit, b.threshold)
+            scheme = requantize_model(m, cfg.quant.maxbit, b.threshold, b.overflow == "grow", b.prune_shares)
             check_not_degenerate(scheme, b.alpha, f"at the re-quantization of epoch {epoch}")
             after = evaluate(m, loaders.test, s.device, s.progress)["top1"]
             return {"requant_top1_before": before, "requant_top1_after": after}, "reset"
@@ -86,12 +86,12 @@ def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outp
             return {
                 "avg_bits": current["avg_bits"],
                 "compression": current["compression"],
-                **projected_bits(m, cfg.quant.maxbit),
+                **projected_bits(m, cfg.quant.maxbit, b.overflow == "grow"),
             }
 
         hooks = Hooks(
             after_backward=lambda m: add_penalty_grad_(m, b.value, b.penalty, b.reweight),
-            after_step=clamp_bits_,
+            after_step=lambda m: clamp_search_(m, b.clamp),
             on_epoch_start=requantize,
             epoch_metrics=epoch_metrics,
         )
