@@ -4,6 +4,7 @@ through the plain dict that checkpoints and MLflow record."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from bsq.config import STAGES, OptimConfig, config_to_dict, load_stage_config
 from bsq.errors import BSQError
@@ -101,3 +102,50 @@ def test_pretrain_of_zero_epochs_needs_an_import_when_that_is_known():
         load_stage_config("pretrain", zero, imports_checkpoint=False)
     assert load_stage_config("pretrain", zero, imports_checkpoint=True).optim.epochs == 0
     assert load_stage_config("pretrain", zero).optim.epochs == 0
+
+
+def test_presets_set_switches_as_a_group_and_explicit_values_win():
+    cfg = load_stage_config("search", {"preset": "paper-era", "bsq": {"clamp": "planes"}, "optim": {"epochs": 1}})
+    assert (cfg.bsq.clamp, cfg.bsq.overflow, cfg.quant.quantize_shortcuts, cfg.model.stem_act_bits) == (
+        "planes",
+        "saturate",
+        True,
+        8,
+    )
+    assert config_to_dict(cfg)["preset"] == "paper-era" and config_to_dict(cfg)["finetune"]["fc_bias"] == "drop"
+    assert load_stage_config("search", {"optim": {"epochs": 1}}).bsq.clamp == "planes"  # the project default
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"preset": "offical"}, "valid presets: default, official-bin, official, paper-era"),
+        ({"bsq": {"clamp": "all"}}, "bsq.clamp must be one of planes, official-bin, none"),
+        ({"finetune": {"fc_bias": "keep"}}, "finetune.fc_bias must be one of train, drop"),
+    ],
+)
+def test_unknown_preset_or_switch_value_lists_the_valid_ones(values, message):
+    with pytest.raises(BSQError, match=message):
+        load_stage_config("search", {**values, "optim": {"epochs": 1}})
+
+
+def test_search_clamp_scopes_differ_as_described():
+    from bsq.models import create_model
+    from bsq.quant.convert import QuantPolicy, clamp_search_, quantize_model
+
+    def model():
+        torch.manual_seed(0)
+        m = quantize_model(create_model("resnet8", act_bits=4), QuantPolicy(nbits=2))
+        with torch.no_grad():
+            for p in m.parameters():
+                p.fill_(3.0)
+        return m
+
+    planes, official, none = model(), model(), model()
+    clamp_search_(planes, "planes")
+    clamp_search_(official, "official-bin")
+    clamp_search_(none, "none")
+    assert planes.layer1[0].conv1.pweight.max() == 2 and planes.layer2[0].downsample[0].weight.max() == 3
+    assert official.layer2[0].downsample[0].weight.max() == 2 and official.layer2[0].downsample[1].bias.max() == 2
+    assert official.layer1[0].bn1.weight.max() == 3 and official.layer1[0].conv1.scale.item() == 3  # scale, bn kept
+    assert all(p.max() == 3 for p in none.parameters())

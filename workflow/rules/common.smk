@@ -148,6 +148,7 @@ def stage_config(stage, alpha=None, seed=1, variant=None, point=None, validate_o
     base = {
         "stage": stage,
         "seed": int(seed),
+        "preset": config.get("preset", "default"),
         "device": config["device"],
         "data": {"name": config["dataset"], "root": config["data_root"], "download": config["download"]},
         "model": {"arch": config["arch"], "act_bits": config["act_bits"], "width": config["width"]},
