@@ -1,7 +1,8 @@
 """Finetuning with the scheme fixed (spec §5): the pruned bit model goes to the latent form V = sum (p - n) e with
 its precisions frozen, and trains on plain cross-entropy (no regulariser, no re-quantization), V clamped to
-[-1, 1] after each step. The best test-accuracy epoch is kept (as the authors' scripts, P14) and saved in bit form
-(`checkpoint`, spec §5.3: s unchanged) and in float form (`float_checkpoint`, exactly the quantized values).
+[-1, 1] after each step (`finetune.clamp: official`: every `weight` but not `bn`, as the authors). The best
+test-accuracy epoch is kept (as the authors' scripts, P14) and saved in bit form (`checkpoint`, spec §5.3: s
+unchanged) and in float form (`float_checkpoint`, exactly the quantized values).
 
 "Train from scratch" (the paper's Table 1 baseline, spec §8.1): give the pretrain float checkpoint plus a
 `scheme` (scheme.json of a prune run) instead; the float model is quantized to those precisions and finetuned.
@@ -22,7 +23,7 @@ from bsq.errors import BSQError
 from bsq.quant.convert import (
     MAX_BITS,
     bit_layers,
-    clamp_bits_,
+    clamp_finetune_,
     export_scheme,
     quantize_model,
     set_form_,
@@ -121,7 +122,9 @@ def run(
             s.start_metrics["initial_top1"] = start["top1"]
             tracker.log_metrics(s.start_metrics, step=0)
         metrics: dict[str, Any] = dict(s.start_metrics)
-        trainer = s.trainer(model, loaders, tracker, Hooks(after_step=clamp_bits_), keep_best=True)
+        # finetune.clamp: the latent weights (ours) or every `weight` but not `bn` (the authors', spec §5.2)
+        hooks = Hooks(after_step=lambda m: clamp_finetune_(m, cfg.finetune.clamp))
+        trainer = s.trainer(model, loaders, tracker, hooks, keep_best=True)
         result = trainer.fit()
         if result.best_state is not None:
             model.load_state_dict(result.best_state)
