@@ -383,6 +383,14 @@ class Trainer:
             random.setstate(tuple(rng["python"][:1]) + (tuple(rng["python"][1]),) + tuple(rng["python"][2:]))
         log.info("resuming at epoch %d of %d", self.start_epoch, self.optim.epochs)
 
+    def add_start_candidate(self, test: dict[str, float]) -> None:
+        """Make the model as it is now, with test metrics `test`, the best so far (row epoch -1): the authors'
+        finetune keeps its epoch-0 (pruned, untrained) state as best unless a trained epoch beats it (bsq.md §5.2).
+        Call before `fit`, not on resume (the resume file carries the best row and state)."""
+        self.best = {"epoch": -1, **{f"test_{k}": v for k, v in test.items()}}
+        if self.keep_best:
+            self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
     def _resume_payload(self, epoch: int) -> dict[str, Any]:
         return {
             "epoch": epoch,

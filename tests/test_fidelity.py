@@ -37,3 +37,36 @@ def test_finetune_clamp_latent_touches_only_latent_weights_official_every_weight
     for model, expected in ((latent, fill), (official, bound)):
         shortcut_conv, shortcut_gamma = model.layer2[0].downsample[0].weight, model.layer2[0].downsample[1].weight
         assert torch.all(shortcut_conv == expected) and torch.all(shortcut_gamma == expected)
+
+
+class _Batches(list):
+    """A one-batch loader (the Trainer only needs iteration, len and set_epoch)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize("includes_start", [False, True])
+def test_best_includes_start_keeps_the_untrained_state_when_training_only_hurts(includes_start):
+    """Spec §5.2: the authors' epoch 0 (pruned, not finetuned) is a best-epoch candidate. A 1-d problem the start
+    weights solve (test top-1 100 %), trained on flipped labels with lr 10: every trained epoch scores 0 %."""
+    from bsq.config import OptimConfig
+    from bsq.engine import Distributed, Trainer, evaluate
+
+    x = torch.tensor([[1.0], [-1.0]])
+    model = torch.nn.Linear(1, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+    train, test = _Batches([(x, torch.tensor([1, 0]))]), _Batches([(x, torch.tensor([0, 1]))])
+    optim = OptimConfig(epochs=2, lr=10.0, momentum=0.0, weight_decay=0.0, schedule="constant")
+    trainer = Trainer(model, train, test, optim, seed=0, dist=Distributed(), keep_best=True)
+    if includes_start:
+        trainer.add_start_candidate(evaluate(model, test, torch.device("cpu")))
+    result = trainer.fit()
+    assert [row["test_top1"] for row in result.history] == [0.0, 0.0]
+    # One SGD step on the flipped labels: dCE/dw = (sigmoid(2), -sigmoid(2)) for both samples, so w0 -+ 10 sigmoid(2).
+    step = 10.0 * torch.sigmoid(torch.tensor(2.0))
+    expected = torch.tensor([[1.0], [-1.0]]) if includes_start else torch.stack([1 - step, step - 1]).reshape(2, 1)
+    assert result.best["epoch"] == (-1 if includes_start else 0)
+    assert result.best["test_top1"] == (100.0 if includes_start else 0.0)
+    torch.testing.assert_close(result.best_state["weight"], expected)

@@ -125,6 +125,8 @@ def run(
         # finetune.clamp: the latent weights (ours) or every `weight` but not `bn` (the authors', spec §5.2)
         hooks = Hooks(after_step=lambda m: clamp_finetune_(m, cfg.finetune.clamp))
         trainer = s.trainer(model, loaders, tracker, hooks, keep_best=True)
+        if cfg.finetune.best_includes_start and not s.resume:
+            trainer.add_start_candidate(start)  # the authors' epoch 0 is a best-epoch candidate (spec §5.2)
         result = trainer.fit()
         if result.best_state is not None:
             model.load_state_dict(result.best_state)
@@ -133,7 +135,7 @@ def run(
         metrics.update(
             top1=final["top1"],
             top5=final["top5"],
-            best_epoch=result.best.get("epoch"),
+            best_epoch=result.best.get("epoch"),  # -1: the start state (finetune.best_includes_start)
             final_top1=last.get("test_top1", final["top1"]),
             selection="best test top-1 epoch (as the authors' scripts)",
         )
