@@ -70,3 +70,81 @@ def test_best_includes_start_keeps_the_untrained_state_when_training_only_hurts(
     assert result.best["epoch"] == (-1 if includes_start else 0)
     assert result.best["test_top1"] == (100.0 if includes_start else 0.0)
     torch.testing.assert_close(result.best_state["weight"], expected)
+
+
+@pytest.mark.parametrize("form", ["bits", "latent"])
+def test_dropped_bias_leaves_the_forward_and_gets_no_update(form):
+    """bsq.md §5.2 erratum: with `pbias = None` the authors' fc is x W^T alone, and the bias gets no gradient, so
+    SGD (momentum, weight decay) leaves it as it was; bringing it back restores x W^T + b."""
+    from bsq.quant.layers import BitLinear
+
+    linear = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[1.0, -1.0, 0.0], [0.0, 1.0, 1.0]]))
+        linear.bias.copy_(torch.tensor([1.0, -1.0]))
+    layer = BitLinear.from_float(linear, nbits=1, bias_nbits=1)  # 1 bit holds these weights and bias exactly
+    set_form_(layer, form)
+    x = torch.tensor([[2.0, 1.0, 3.0]])
+    layer.drop_bias_(True)
+    out = layer(x)
+    torch.testing.assert_close(out, torch.tensor([[1.0, 4.0]]))  # x W^T by hand
+    before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    out.sum().backward()
+    optimizer.step()
+    for name, param in layer.named_parameters():
+        frozen = "bias" in name  # the planes / latent bias and biasscale
+        assert torch.equal(param, before[name]) == frozen, name
+    layer.drop_bias_(False)
+    assert all(p.requires_grad for p in layer.parameters())
+    with_bias = layer(x)
+    layer.drop_bias_(True)
+    torch.testing.assert_close(with_bias - layer(x), torch.tensor([[1.0, -1.0]]))  # the bias, as it was
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    """A pruned bit checkpoint of the tiny digits ResNet-8 (pretrain, search and prune of one epoch each)."""
+    from bsq.stages import default_outputs, pretrain, prune, search
+    from tests.helpers import tiny_config
+
+    root = tmp_path_factory.mktemp("pruned")
+    cfg = {**tiny_config(root, epochs=1), "tracking": {"enabled": False}}
+    out = {stage: default_outputs(stage, root / stage) for stage in ("pretrain", "search", "prune")}
+    pretrain.run(cfg, {}, out["pretrain"])
+    search.run(cfg, {"checkpoint": out["pretrain"]["checkpoint"]}, out["search"])
+    prune.run(cfg, {"checkpoint": out["search"]["checkpoint"]}, out["prune"])
+    return root, cfg, out["prune"]["checkpoint"]
+
+
+def _finetune(pruned, name: str, preset: str) -> tuple[dict, dict]:
+    """One finetune epoch of the pruned model under `preset`: its metrics and saved state dict."""
+    import json
+
+    from bsq.checkpoint import load_checkpoint
+    from bsq.stages import default_outputs, finetune
+
+    root, cfg, checkpoint = pruned
+    outputs = default_outputs("finetune", root / name)
+    finetune.run({**cfg, "preset": preset}, {"checkpoint": checkpoint}, outputs)
+    return json.loads(outputs["metrics"].read_text()), load_checkpoint(outputs["checkpoint"])["state_dict"]
+
+
+def test_finetune_stage_switches_fc_bias_and_clamp(pruned):
+    """The stage wires the switches: official-bin saves the fc bias exactly as pruned and clamps the shortcut BN's
+    gamma to [-1, 1]; default trains the bias (its scale moves) and leaves gamma alone."""
+    from bsq.checkpoint import load_checkpoint
+
+    start = load_checkpoint(pruned[2])["state_dict"]
+    ours, ours_state = _finetune(pruned, "default", "default")
+    authors, authors_state = _finetune(pruned, "official", "official-bin")
+    for key in ("fc.pbias", "fc.nbias", "fc.biasscale"):
+        assert torch.equal(authors_state[key], start[key]), key
+    assert not torch.equal(ours_state["fc.biasscale"], start["fc.biasscale"])
+    gamma = "layer2.0.downsample.1.weight"  # the shortcut BN's gamma: above 1 after the search here
+    assert start[gamma].max() > 1.0 and ours_state[gamma].max() > 1.0 >= authors_state[gamma].max()
+    assert "finetune_form_top1" in authors and "finetune_form_top1" not in ours
+    # best_includes_start: the start state wins ties (the authors' `acc > best_acc`), so best_epoch -1 exactly
+    # when no trained epoch beat the initial accuracy.
+    assert (authors["best_epoch"] == -1) == (authors["initial_top1"] >= authors["final_top1"])
+    assert ours["best_epoch"] == 0

@@ -34,6 +34,7 @@ class BitLayer(nn.Module, abc.ABC):
         self.nbits = 0
         self._set_planes("weight", B.float_to_planes(torch.zeros(self.weight_shape), nbits))
         self.has_bias = bias
+        self.bias_dropped = False  # finetune.fc_bias: drop (the authors' to_finetune, bsq.md §5.2 erratum)
         if bias:
             self._set_planes("bias", B.float_to_planes(torch.zeros(self.weight_shape[0]), bias_nbits or nbits))
 
@@ -109,7 +110,19 @@ class BitLayer(nn.Module, abc.ABC):
         return B.unit_to_levels(self._unit(what), nbits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._apply_weight(x, self.quantized("weight"), self.quantized("bias") if self.has_bias else None)
+        bias = self.quantized("bias") if self.has_bias and not self.bias_dropped else None
+        return self._apply_weight(x, self.quantized("weight"), bias)
+
+    def drop_bias_(self, dropped: bool = True) -> None:
+        """Leave the quantized bias out of the forward and freeze its tensors (no gradient, so SGD's momentum and
+        weight decay skip them too), or bring it back: the authors' finetune sets `pbias = None`, so the fc bias
+        takes no part and returns unchanged in `best_bin` (bsq.md §5.2 erratum). Not saved: a state dict holds
+        the bias either way."""
+        self.bias_dropped = dropped and self.has_bias
+        for name in ("pbias", "nbias", "bias", "biasscale"):
+            tensor = getattr(self, name, None)
+            if isinstance(tensor, nn.Parameter):
+                tensor.requires_grad_(not dropped)
 
     @abc.abstractmethod
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

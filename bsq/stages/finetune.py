@@ -29,6 +29,7 @@ from bsq.quant.convert import (
     set_form_,
     to_float_model,
 )
+from bsq.quant.layers import BitLinear
 from bsq.stages.common import Session
 from bsq.stages.measure import cost_metrics
 
@@ -72,6 +73,20 @@ def _zero_pruned_layers(model: nn.Module, scheme: dict[str, int]) -> None:
                 layer.set_precision_(1, what)  # all-zero 1-bit planes: to_latent_ turns them into N = 0
 
 
+def _set_fc_bias_dropped_(model: nn.Module, dropped: bool) -> None:
+    """finetune.fc_bias: drop. The last linear layer (the authors' fc) computes without its bias and leaves it
+    untouched, as their to_finetune (`pbias = None`, bsq.md §5.2 erratum); `dropped=False` brings it back."""
+    linears = [m for m in model.modules() if isinstance(m, (nn.Linear, BitLinear))]
+    fc = linears[-1] if linears else None
+    if isinstance(fc, BitLinear):
+        fc.drop_bias_(dropped)
+    elif fc is not None and fc.bias is not None:
+        raise BSQError(
+            "finetune.fc_bias: drop needs a quantized last layer (quant.quantize_last: true), as the authors' fc; "
+            "use finetune.fc_bias: train with a float last layer"
+        )
+
+
 def _start_model(s: Session, parent: dict[str, Any], scheme: dict[str, int] | None) -> nn.Module:
     """The latent model finetuning starts from: the pruned bit model, or (train from scratch) the float parent
     quantized to the scheme."""
@@ -113,9 +128,12 @@ def run(
         s.model_args, s.policy = parent["model"], parent["policy"]
     loaders = s.loaders()
     model = _start_model(s, parent, scheme)  # built (and so validated) before the run opens
+    drop_bias = cfg.finetune.fc_bias == "drop"
+    _set_fc_bias_dropped_(model, drop_bias)  # a float fc with fc_bias: drop fails here
     with s.open_run(parent) as tracker:
         if s.resume:
             model = load_model(s.resume, path=s.resume_path)
+            _set_fc_bias_dropped_(model, drop_bias)
         model.to(s.device)
         if not s.resume:
             start = evaluate(model, loaders.test, s.device, s.progress)
@@ -131,6 +149,10 @@ def run(
         if result.best_state is not None:
             model.load_state_dict(result.best_state)
         final = evaluate(model, loaders.test, s.device, s.progress)
+        if drop_bias:  # the checkpoint keeps the bias as it was: report what evaluating it computes
+            metrics["finetune_form_top1"] = final["top1"]  # what the authors' finetune prints (no fc bias)
+            _set_fc_bias_dropped_(model, False)
+            final = evaluate(model, loaders.test, s.device, s.progress)
         last = result.history[-1] if result.history else {}
         metrics.update(
             top1=final["top1"],
