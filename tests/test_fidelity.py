@@ -148,3 +148,29 @@ def test_finetune_stage_switches_fc_bias_and_clamp(pruned):
     # when no trained epoch beat the initial accuracy.
     assert (authors["best_epoch"] == -1) == (authors["initial_top1"] >= authors["final_top1"])
     assert ours["best_epoch"] == 0
+
+
+@pytest.mark.parametrize("zeroed_layers", ["zero", "ternary"])
+def test_scratch_layer_bsq_zeroed_stays_zero_or_becomes_ternary_from_float(zeroed_layers):
+    """Spec §8.1: the authors' `convert.py --dict` quantizes a layer BSQ zeroed at N = 1 from the float weights
+    (levels round(W / max|W|) in {-1, 0, 1}); ours keeps it at 0 bits, so the model has the scheme's size."""
+    from bsq.quant.convert import export_scheme
+    from bsq.stages.finetune import quantize_to_scheme_
+
+    torch.manual_seed(0)
+    model = create_model("resnet8", act_bits=4)
+    conv, fc_bias = model.layer1[0].conv1.weight.detach().clone(), model.fc.bias.detach().clone()
+    scheme = {name: 2 for name in export_scheme(quantize_model(create_model("resnet8", act_bits=4)))}
+    scheme.update({"layer1.0.conv1": 0, "fc.bias": 0})
+    quantize_to_scheme_(model, QuantPolicy(), scheme, zeroed_layers)
+    set_form_(model, "latent")  # what finetune trains: an all-zero 1-bit tensor becomes N = 0 here
+    layer, fc = model.layer1[0].conv1, model.fc
+    if zeroed_layers == "zero":
+        assert layer.precision() == 0 and fc.precision("bias") == 0
+        assert not layer.integer_levels().any() and not fc.integer_levels("bias").any()
+    else:
+        assert layer.precision() == 1 and fc.precision("bias") == 1
+        assert torch.equal(layer.integer_levels(), torch.round(conv / conv.abs().max()).long())
+        assert torch.equal(fc.integer_levels("bias"), torch.round(fc_bias / fc_bias.abs().max()).long())
+        assert set(layer.integer_levels().unique().tolist()) == {-1, 0, 1}
+    assert model.layer1[0].conv2.precision() == 2  # the other layers as the scheme says, either way

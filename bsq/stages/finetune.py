@@ -22,6 +22,7 @@ from bsq.engine import Hooks, evaluate
 from bsq.errors import BSQError
 from bsq.quant.convert import (
     MAX_BITS,
+    QuantPolicy,
     bit_layers,
     clamp_finetune_,
     export_scheme,
@@ -73,6 +74,15 @@ def _zero_pruned_layers(model: nn.Module, scheme: dict[str, int]) -> None:
                 layer.set_precision_(1, what)  # all-zero 1-bit planes: to_latent_ turns them into N = 0
 
 
+def quantize_to_scheme_(model: nn.Module, policy: QuantPolicy, scheme: dict[str, int], zeroed_layers: str) -> None:
+    """Train from scratch: the float model quantized to the scheme's precisions (max-abs scale per tensor). A
+    layer the scheme gives 0 bits is quantized at 1 bit from the float weights (ternary), as the authors'
+    `convert.py --dict` (finetune.zeroed_layers: ternary), then zeroed unless so (zero: exactly the scheme's size)."""
+    quantize_model(model, policy, scheme={k: max(v, 1) for k, v in scheme.items()})
+    if zeroed_layers == "zero":
+        _zero_pruned_layers(model, scheme)
+
+
 def _set_fc_bias_dropped_(model: nn.Module, dropped: bool) -> None:
     """finetune.fc_bias: drop. The last linear layer (the authors' fc) computes without its bias and leaves it
     untouched, as their to_finetune (`pbias = None`, bsq.md §5.2 erratum); `dropped=False` brings it back."""
@@ -92,8 +102,7 @@ def _start_model(s: Session, parent: dict[str, Any], scheme: dict[str, int] | No
     quantized to the scheme."""
     if scheme is not None:
         model = load_model(parent, s.activation_overrides(), s.inputs["checkpoint"])
-        quantize_model(model, s.cfg.quant.policy(), scheme={k: max(v, 1) for k, v in scheme.items()})
-        _zero_pruned_layers(model, scheme)
+        quantize_to_scheme_(model, s.cfg.quant.policy(), scheme, s.cfg.finetune.zeroed_layers)
     else:
         model = load_model(parent, path=s.inputs["checkpoint"])
         for _, layer in bit_layers(model):
