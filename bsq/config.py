@@ -283,7 +283,7 @@ class FracBitsConfig:
     search_epochs: int | None = None  # None = int(0.8 * epochs) + 1 (the official 121 of 150), < epochs
     tolerance: float = 0.01  # the rounded policy must cost within 1 % of the target
     bisection_trials: int = 10
-    blend: str = "floor"  # fractional blend of bits l and l + 1: l = floor(lambda) (ours) | ceil(lambda) - 1 (authors)
+    blend: str = "floor"  # fractional blend: floor(lambda) and floor + 1 (ours) | floor and ceil(lambda) (authors)
 
     def __post_init__(self) -> None:
         check_choice("fracbits.blend", self.blend)

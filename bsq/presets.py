@@ -33,7 +33,7 @@ SWITCHES: dict[str, tuple[Any, ...]] = {
     "finetune.zeroed_layers": ("zero", "ternary"),  # scratch: a 0-bit layer stays 0, or N = 1 from float (authors)
     "quant.quantize_shortcuts": (False, True),  # 1x1 shortcut convs in float (HEAD) or bit layers (paper-era)
     "model.stem_act_bits": (None, 8),  # plain ReLU after the stem (HEAD) or ReLU6 + 8 bits (paper-era)
-    "fracbits.blend": ("floor", "ceil"),  # fractional blend of bits l, l+1 with l = floor(lambda) or ceil - 1
+    "fracbits.blend": ("floor", "ceil"),  # fractional blend of floor(lambda) with floor + 1 (ours) or ceil (authors)
 }
 
 _OFFICIAL_BIN: dict[str, Any] = {

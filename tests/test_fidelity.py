@@ -174,3 +174,40 @@ def test_scratch_layer_bsq_zeroed_stays_zero_or_becomes_ternary_from_float(zeroe
         assert torch.equal(fc.integer_levels("bias"), torch.round(fc_bias / fc_bias.abs().max()).long())
         assert set(layer.integer_levels().unique().tolist()) == {-1, 0, 1}
     assert model.layer1[0].conv2.precision() == 2  # the other layers as the scheme says, either way
+
+
+def _q(u: torch.Tensor, k: int) -> torch.Tensor:
+    """Q_k(u) = round((2^k - 1) u) / (2^k - 1), fracbits.md §1.4, written out independently."""
+    return torch.round((2**k - 1) * u) / (2**k - 1)
+
+
+@pytest.mark.parametrize("lam", [3.0, 3.4])
+def test_fracbits_blend_ceil_loses_the_lambda_gradient_only_at_integer_lambda(lam):
+    """fracbits.md §1.3: the authors blend Q_floor(lam) and Q_ceil(lam), which coincide at an integer lam, so the
+    task loss gives lam no gradient there; ours blends Q_l and Q_{l+1} (gradient <dL/dQ, Q_{l+1} - Q_l>)."""
+    from bsq.quant.frac import frac_quantize_unit
+
+    u = torch.linspace(0, 1, 23)
+    g = torch.linspace(-1, 2, 23)  # dL/dQ of the loss <g, Q>
+    out = {}
+    for blend in ("floor", "ceil"):
+        lam_param = torch.tensor(lam, requires_grad=True)
+        q = frac_quantize_unit(u, lam_param, 1, 8, 0.0, blend)
+        (g * q).sum().backward()
+        out[blend] = (q.detach(), lam_param.grad.item())
+    f = lam - 3
+    expected_q = (1 - f) * _q(u, 3) + f * _q(u, 4)
+    step_gradient = (g * (_q(u, 4) - _q(u, 3))).sum().item()
+    for blend in ("floor", "ceil"):
+        torch.testing.assert_close(out[blend][0], expected_q)
+    assert out["floor"][1] == pytest.approx(step_gradient, rel=1e-5) and abs(step_gradient) > 0.01
+    assert out["ceil"][1] == (0.0 if lam == 3.0 else pytest.approx(step_gradient, rel=1e-5))
+
+
+def test_fracbits_blend_reaches_every_layer_and_the_checkpoint_policy():
+    from bsq.quant.frac import FracPolicy, frac_layers, frac_quantize_model
+
+    policy = FracPolicy(blend="ceil")
+    model = frac_quantize_model(create_model("resnet8", act_bits=None), policy)
+    assert {layer.blend for _, layer in frac_layers(model)} == {"ceil"}
+    assert FracPolicy(**policy.to_dict()).blend == "ceil"  # what a checkpoint stores and rebuilds

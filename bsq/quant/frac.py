@@ -8,7 +8,7 @@
 - Q_k(u) = round((2^k - 1) u) / (2^k - 1) with an identity straight-through backward; Q_0 = a constant z.
 - Fractional bits: Q_lam(u) = (1 - f) Q_l(u) + f Q_{l+1}(u), l = min(floor(lam), hi - 1), f = lam - l, lam clamped to
   [lo, hi]. So dL/dlam = <dL/dQ, Q_{l+1} - Q_l>, defined everywhere, at the top of the range too (the spec's fix of
-  the official ceil, which loses the gradient at integer lam).
+  the official ceil, which loses the gradient at integer lam; `blend="ceil"`, fracbits.blend, gives the official).
 
 A layer is a real `nn.Conv2d` / `nn.Linear` (same state-dict keys for the float weight, so float checkpoints load)
 plus its bit-widths `wbits` (lambda_w: one per layer, or one per output kernel) and `abits` (lambda_a), the PACT clip
@@ -82,26 +82,45 @@ def clamp_bits(lam: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return lam.clamp(lo, hi).detach() + (lam - lam.detach()) * inside
 
 
-def frac_quantize_unit(u: torch.Tensor, lam: torch.Tensor, lo: int, hi: int, zero: float) -> torch.Tensor:
-    """(1 - f) Q_l(u) + f Q_{l+1}(u) with l = min(floor(lam), hi - 1), f = lam - l, lam clamped to [lo, hi]."""
+BLENDS = ("floor", "ceil")  # fracbits.blend
+
+
+def frac_quantize_unit(
+    u: torch.Tensor, lam: torch.Tensor, lo: int, hi: int, zero: float, blend: str = "floor"
+) -> torch.Tensor:
+    """(1 - f) Q_l(u) + f Q_{l+1}(u) with l = min(floor(lam), hi - 1), f = lam - l, lam clamped to [lo, hi].
+
+    blend "ceil" is the authors' (fracbits.md §1.3 pitfall): (1 - f) Q_floor(lam) + f Q_ceil(lam), f = lam -
+    floor(lam). The same values everywhere and the same gradients at fractional lam; at an integer lam both terms
+    are Q_lam, so the task loss gives lam no gradient there (ours: Q_{l+1} - Q_l)."""
     lam = clamp_bits(lam, lo, hi)
-    lower = torch.floor(lam).clamp(max=hi - 1).detach()
+    if blend == "ceil":
+        lower, upper = torch.floor(lam).detach(), torch.ceil(lam).detach()
+    elif blend == "floor":
+        lower = torch.floor(lam).clamp(max=hi - 1).detach()
+        upper = lower + 1
+    else:
+        raise BSQError(f"unknown fracbits blend {blend!r}; use one of {', '.join(BLENDS)}")
     f = lam - lower
-    return (1 - f) * round_unit_ste(u, lower, zero) + f * round_unit_ste(u, lower + 1, zero)
+    return (1 - f) * round_unit_ste(u, lower, zero) + f * round_unit_ste(u, upper, zero)
 
 
-def _quantize(u: torch.Tensor, lam: torch.Tensor, lo: int, hi: int, hard: bool, zero: float) -> torch.Tensor:
+def _quantize(
+    u: torch.Tensor, lam: torch.Tensor, lo: int, hi: int, hard: bool, zero: float, blend: str = "floor"
+) -> torch.Tensor:
     if hard or lo == hi:
         return round_unit_ste(u, lam.detach().round().clamp(lo, hi), zero)
-    return frac_quantize_unit(u, lam, lo, hi, zero)
+    return frac_quantize_unit(u, lam, lo, hi, zero, blend)
 
 
-def dorefa_weight(w: torch.Tensor, lam: torch.Tensor, lo: int, hi: int, hard: bool) -> torch.Tensor:
+def dorefa_weight(
+    w: torch.Tensor, lam: torch.Tensor, lo: int, hi: int, hard: bool, blend: str = "floor"
+) -> torch.Tensor:
     """DoReFa weight at (fractional) bits `lam`, broadcast over output kernels (dim 0) when lam is per kernel."""
     t = torch.tanh(w)
     unit = (t / t.abs().max().clamp_min(1e-12) + 1) / 2
     lam = lam.reshape(-1, *([1] * (w.dim() - 1))) if lam.dim() else lam
-    return 2 * _quantize(unit, lam, lo, hi, hard, WEIGHT_ZERO) - 1
+    return 2 * _quantize(unit, lam, lo, hi, hard, WEIGHT_ZERO, blend) - 1
 
 
 class _PactInteger(torch.autograd.Function):
@@ -142,14 +161,22 @@ def pact_integer(x: torch.Tensor, alpha: torch.Tensor, bits: int, variant: str) 
 
 
 def pact_activation(
-    x: torch.Tensor, alpha: torch.Tensor, lam: torch.Tensor, lo: int, hi: int, hard: bool, signed: bool, variant: str
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    lam: torch.Tensor,
+    lo: int,
+    hi: int,
+    hard: bool,
+    signed: bool,
+    variant: str,
+    blend: str = "floor",
 ) -> torch.Tensor:
     """PACT clip + (fractional) uniform quantization of an input activation (fracbits.md §1.4)."""
     a = alpha.abs()
     clipped = torch.minimum(torch.maximum(x, -a), a) if signed else torch.minimum(F.relu(x), a)
     scale = a if variant == "sat" else a.detach()
     unit = (clipped / scale + 1) / 2 if signed else clipped / scale
-    q = _quantize(unit, lam, lo, hi, hard, WEIGHT_ZERO if signed else ACT_ZERO)
+    q = _quantize(unit, lam, lo, hi, hard, WEIGHT_ZERO if signed else ACT_ZERO, blend)
     return (2 * q - 1) * scale if signed else q * scale
 
 
@@ -183,6 +210,7 @@ class FracPolicy:
     variant: str = "sat"  # sat: calibrated PACT gradient + last-layer weight rescale | pact: original PACT
     hard: bool = False  # start with integer bits (uniform QAT)
     alpha_init: tuple[float, float] = (8.0, 10.0)  # PACT clip of conv / linear inputs (official init)
+    blend: str = "floor"  # fracbits.blend: floor (ours) | ceil (the authors', no lam gradient at integer lam)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "w_bits", _bits_range(self.w_bits, "w_bits", allow_zero=True))
@@ -190,6 +218,8 @@ class FracPolicy:
             object.__setattr__(self, "a_bits", _bits_range(self.a_bits, "a_bits", allow_zero=False))
         if self.granularity not in ("layer", "kernel"):
             raise BSQError(f"granularity must be layer or kernel, got {self.granularity!r}")
+        if self.blend not in BLENDS:
+            raise BSQError(f"blend must be one of {', '.join(BLENDS)}, got {self.blend!r}")
         if self.variant not in ("sat", "pact"):
             raise BSQError(f"variant must be sat or pact, got {self.variant!r}")
         if not isinstance(self.fixed_bits, int) or not 1 <= self.fixed_bits <= MAX_FRAC_BITS:
@@ -208,6 +238,7 @@ class FracLayer:
     """Mixin of FracConv2d / FracLinear: the quantizer state and the quantized forward."""
 
     form = "frac"
+    blend = "floor"  # fracbits.blend of the fractional quantizers (set from the policy)
     counted = True  # every FracBits-quantized layer counts in size and compression (no BSQ-style exceptions)
 
     @classmethod
@@ -306,7 +337,7 @@ class FracLayer:
 
     # -- forward --
     def quantized_weight(self) -> torch.Tensor:
-        w = dorefa_weight(self.weight, self.wbits, *self.w_range, self.is_hard)
+        w = dorefa_weight(self.weight, self.wbits, *self.w_range, self.is_hard, self.blend)
         if self.rescale:  # SAT on the last layer: quantized weights rescaled to std 1/sqrt(out)
             # The std is a constant to autograd, as in the authors' code (fracbits.md §1.5): only the scale of the
             # logits changes; letting the gradient flow through std(w) would change the fc weight gradient.
@@ -319,7 +350,9 @@ class FracLayer:
         x = x.float()  # under bf16 autocast the input may be bf16: quantize in float32
         if self.fixed_input_bits and not self.is_signed:
             return pact_integer(x, self.act_alpha, self.fixed_input_bits, self.variant)
-        return pact_activation(x, self.act_alpha, self.abits, *self.a_range, self.is_hard, self.is_signed, self.variant)
+        return pact_activation(
+            x, self.act_alpha, self.abits, *self.a_range, self.is_hard, self.is_signed, self.variant, self.blend
+        )
 
     def frac_repr(self) -> str:
         act = "float" if self.a_range is None else f"{list(self.a_range)}{' signed' if self.is_signed else ''}"
@@ -386,6 +419,7 @@ def frac_quantize_model(model: nn.Module, policy: FracPolicy) -> nn.Module:
         factory = FracLinear if is_linear else FracConv2d
         layer = factory.from_float(module, w_range, a_range, kernel_wise, policy.init_bits, alpha, policy.variant)
         layer.rescale = policy.variant == "sat" and name == last
+        layer.blend = policy.blend
         if policy.hard:
             layer.set_hard_()
         set_submodule(model, name, layer)

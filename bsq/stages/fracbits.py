@@ -109,7 +109,7 @@ def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outp
         )
     parent = start(s)
     a_bits = tuple(f.a_bits) if f.a_bits is not None else activation_range(s)
-    policy = policy_of(s, w_bits=tuple(f.w_bits), a_bits=a_bits, granularity=f.granularity)
+    policy = policy_of(s, w_bits=tuple(f.w_bits), a_bits=a_bits, granularity=f.granularity, blend=f.blend)
     s.policy = policy.to_dict()
     loaders = s.loaders()
     shape = input_size(loaders.info, cfg.data.image_size)
