@@ -211,3 +211,46 @@ def test_fracbits_blend_reaches_every_layer_and_the_checkpoint_policy():
     model = frac_quantize_model(create_model("resnet8", act_bits=None), policy)
     assert {layer.blend for _, layer in frac_layers(model)} == {"ceil"}
     assert FracPolicy(**policy.to_dict()).blend == "ceil"  # what a checkpoint stores and rebuilds
+
+
+def _planes_of(magnitudes: list[int], nbits: int, scale: float = 1.0):
+    from bsq.quant import bits as B
+
+    pos = B.int_to_planes(torch.tensor(magnitudes), nbits)
+    return B.Planes(pos, torch.zeros_like(pos), torch.tensor(scale), nbits)
+
+
+@pytest.mark.parametrize("overflow", ["grow", "saturate"])
+def test_overflow_grows_a_bit_or_saturates(overflow):
+    """Spec §3.1: a relaxed 2-bit weight u = 2 e_0 = 4/3 re-quantizes to I = 4 > 3. HEAD adds a bit (N = 3, s * 7/3,
+    the value 4/3 s kept); the paper-era code saturates at I = 3 (N = 2, s unchanged). u = 1/3 is I = 1 either way."""
+    from bsq.quant import bits as B
+
+    pos = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    planes = B.Planes(pos, torch.zeros_like(pos), torch.tensor(1.5), 2)
+    out = B.requantize(planes, maxbit=8, grow=overflow == "grow")
+    ints = (out.pos * 2.0 ** torch.arange(out.nbits - 1, -1, -1)).sum(-1)
+    if overflow == "grow":
+        assert out.nbits == 3 and ints.tolist() == [4, 1] and out.scale.item() == pytest.approx(1.5 * 7 / 3)
+    else:
+        assert out.nbits == 2 and ints.tolist() == [3, 1] and out.scale.item() == 1.5
+    fits = _planes_of([3, 1], 2, 1.5)  # no overflow: the two agree
+    same = B.requantize(fits, 8, grow=overflow == "grow")
+    assert same.nbits == 2 and torch.equal(same.pos, fits.pos) and same.scale.item() == 1.5
+
+
+@pytest.mark.parametrize(
+    ("shares", "nbits", "levels"), [("once", 1, [1] * 9 + [0]), ("recompute", 3, [7, 7, 4, 2] + [1] * 5 + [0])]
+)
+def test_prune_shares_once_folds_to_1_bit_recompute_stops_at_3(shares, nbits, levels):
+    """Spec §3.2 with threshold 25 %: 4-bit magnitudes, bit 3 (MSB) set on 20 % of entries, bit 2 on 10 %, bit 1 on
+    10 %, bit 0 on 50 %. The authors take every share from the tensor as given: 20, 10, 10 < 25, so three MSB folds
+    leave 1 bit, set wherever any bit was. Recomputed after the first fold, bit 2 is set on 20 + 10 = 30 % >= 25:
+    3 bits stay, the folded entries saturated at 7. s scales by (2^N - 1) / 15 either way."""
+    from bsq.quant import bits as B
+
+    magnitudes = [8, 8, 4, 2, 1, 1, 1, 1, 1, 0]
+    out = B.prune(_planes_of(magnitudes, 4, 1.5), threshold=25.0, shares=shares)
+    ints = (out.pos * 2.0 ** torch.arange(out.nbits - 1, -1, -1)).sum(-1)
+    assert out.nbits == nbits and ints.tolist() == levels
+    assert out.scale.item() == pytest.approx(1.5 * (2**nbits - 1) / 15)
