@@ -144,7 +144,7 @@ def test_paper_sweep_is_the_papers_alphas():
         (["arch=resnet21"], "'resnet21' is not one of"),
         (["dataset=cifar10", "data_root=/nonexistent/cifar"], "data_root: /nonexistent/cifar does not exist"),
         (["dataset=cifar10"], "data_root is required for dataset cifar10"),
-        (["colour=blue"], "unknown config key colour. Allowed keys: name, dataset,"),
+        (["colour=blue"], "unknown config key colour. Allowed keys: preset, name, dataset,"),
         (["stages={search: {optim: {lrr: 1}}}"], "unknown key(s) optim.lrr"),
         (["stages={finetune: {optim: {epochs: -1}}}"], "optim.epochs"),
         (["pretrained=/nonexistent/model.pth"], "pretrained: /nonexistent/model.pth not found"),

@@ -165,7 +165,7 @@ def test_an_unknown_key_is_a_short_error_not_the_schema(workdir):
     result = _snakemake(workdir, "-n", "--config", "nonsense_key=1")
     text = _fails_before_any_job(workdir, result)
     assert len(result.stderr.splitlines()) < 30 and "$defs" not in text and "'description'" not in text
-    assert "unknown config key nonsense_key. Allowed keys: name, dataset," in text
+    assert "unknown config key nonsense_key. Allowed keys: preset, name, dataset," in text
     assert "workflow/schemas/config.schema.yaml" in text
 
 
