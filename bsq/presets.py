@@ -20,7 +20,7 @@ from typing import Any
 
 from bsq.errors import BSQError
 
-__all__ = ["PRESETS", "PRESET_NAMES", "SWITCHES", "apply_preset", "check_choice"]
+__all__ = ["PRESETS", "PRESET_NAMES", "SWITCHES", "apply_preset", "check_choice", "switch_values"]
 
 # Every switch: dotted config key -> its valid values (strings steer control flow; booleans are on/off).
 SWITCHES: dict[str, tuple[Any, ...]] = {
@@ -83,6 +83,12 @@ def check_choice(key: str, value: Any) -> None:
 
 def _show(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def switch_values(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Every switch's value in a resolved stage config (`config_to_dict`): what a run records beside its preset,
+    so a reader sees the exact behaviour even where a switch was set against its preset."""
+    return {dotted: config[dotted.split(".")[0]][dotted.split(".")[1]] for dotted in SWITCHES}
 
 
 def apply_preset(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -86,6 +86,7 @@ def run_record(
         "source": str(evaluate_metrics),
     }
     trained = _read_json(train_metrics) if train_metrics is not None else {}
+    record.update(_fidelity(trained or m))
     if "final_top1" in trained:
         record["top1_final"] = trained["final_top1"]
     if "budget_met" in trained:  # FracBits: did the frozen policy land within tolerance of its target?
@@ -96,6 +97,30 @@ def run_record(
     elif "top1_before_ft" in trained:
         record["top1_before_ft"] = trained["top1_before_ft"]
     return record
+
+
+def _fidelity(metrics: Mapping[str, Any]) -> dict[str, str]:
+    """The preset a model was trained under, and the switches set against it (JSON; empty when none)."""
+    from bsq.presets import PRESETS
+
+    preset = str(metrics.get("preset") or "")
+    switches = metrics.get("switches") or {}
+    changed = {k: v for k, v in switches.items() if preset in PRESETS and PRESETS[preset].get(k, v) != v}
+    return {"preset": preset, "switches_changed": json.dumps(changed, sort_keys=True) if changed else ""}
+
+
+def fidelity_note(runs: pd.DataFrame) -> str:
+    """The table's footnote: under which fidelity preset each method's models were trained (and any switch set
+    against its preset), so a reader knows whether a row is the authors' behaviour or the project's default."""
+    if "preset" not in runs:
+        return ""
+    lines = []
+    keys = runs[["preset", "switches_changed"]].astype("string").fillna("")
+    for (preset, changed), group in runs.groupby([keys["preset"], keys["switches_changed"]], sort=True):
+        methods = ", ".join(sorted({METHOD_NAMES.get(m, m) for m in group["method"]}))
+        extra = f", with {changed}" if changed else ""
+        lines.append(f"preset `{preset or 'unrecorded'}`{extra}: {methods}")
+    return "Fidelity (switch values per preset: README, deviations table): " + "; ".join(lines) + ".\n" if lines else ""
 
 
 def collect_runs(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
@@ -424,8 +449,9 @@ def write_report(
     table = comparison_table(summary, published)
     _write(outputs["runs"], runs.to_csv(index=False))
     _write(outputs["csv"], summary.to_csv(index=False))
-    _write(outputs["md"], f"# {title}\n\n" + to_markdown(table))
-    _write(outputs["tex"], to_latex(table, title))
+    note = fidelity_note(runs)
+    _write(outputs["md"], f"# {title}\n\n" + to_markdown(table) + (f"\n{note}" if note else ""))
+    _write(outputs["tex"], to_latex(table, f"{title}. {note.strip()}" if note else title))
     plot_pareto(summary, published, outputs["pareto"])
     plot_layer_bits({a: _read_json(p) for a, p in schemes.items()}, outputs["layer_bits"])
     plot_search_curves({a: pd.read_csv(p) for a, p in search_histories.items()}, outputs["search_curves"])

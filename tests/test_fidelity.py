@@ -4,6 +4,8 @@ is an invariant, never by the code under test."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -254,3 +256,50 @@ def test_prune_shares_once_folds_to_1_bit_recompute_stops_at_3(shares, nbits, le
     ints = (out.pos * 2.0 ** torch.arange(out.nbits - 1, -1, -1)).sum(-1)
     assert out.nbits == nbits and ints.tolist() == levels
     assert out.scale.item() == pytest.approx(1.5 * (2**nbits - 1) / 15)
+
+
+# ---- every run records its preset and switch values; the tables say which --------------------------------------
+def test_a_run_records_its_preset_and_every_switch(tmp_path):
+    from bsq.presets import PRESETS, SWITCHES
+    from bsq.stages import default_outputs, pretrain
+    from tests.helpers import mlflow_runs, tiny_config
+
+    cfg = {**tiny_config(tmp_path, epochs=1), "preset": "official-bin", "fracbits": {"blend": "floor"}}
+    out = default_outputs("pretrain", tmp_path / "p")
+    pretrain.run(cfg, {}, out)
+    for name in ("metrics", "run"):
+        record = json.loads(out[name].read_text())
+        assert record["preset"] == "official-bin"
+        assert set(record["switches"]) == set(SWITCHES)
+        expected = {**PRESETS["official-bin"], "fracbits.blend": "floor"}  # the explicit switch wins
+        assert record["switches"] == expected
+    runs = mlflow_runs(tmp_path)
+    assert runs["tags.bsq.preset"].tolist() == ["official-bin"]
+    assert runs["params.bsq.clamp"].tolist() == ["official-bin"]
+
+
+def test_the_table_footnote_names_each_preset_and_the_switches_set_against_it(tmp_path):
+    from bsq.presets import PRESETS
+    from bsq.report import collect_runs, fidelity_note, run_record
+
+    def metrics(name, method, preset, **switch):
+        path = tmp_path / f"{name}.json"
+        labels = {"dataset": "digits", "arch": "resnet8", "method": method, "seed": 1}
+        payload = {"labels": labels, "preset": preset, "switches": {**PRESETS[preset], **switch}, "top1": 90.0}
+        path.write_text(json.dumps(payload))
+        return path
+
+    runs = collect_runs(
+        [
+            run_record(metrics("e1", "bsq", "official-bin"), train_metrics=metrics("t1", "bsq", "official-bin")),
+            run_record(metrics("e2", "uniform", "default"), train_metrics=metrics("t2", "uniform", "default")),
+            run_record(
+                metrics("e3", "fracbits", "official-bin"),
+                train_metrics=metrics("t3", "fracbits", "official-bin", **{"fracbits.blend": "floor"}),
+            ),
+        ]
+    )
+    note = fidelity_note(runs)
+    assert "preset `default`: Uniform QAT" in note
+    assert "preset `official-bin`: BSQ" in note
+    assert 'preset `official-bin`, with {"fracbits.blend": "floor"}: FracBits' in note

@@ -27,6 +27,7 @@ from bsq.data import DatasetInfo, Loaders, build_loaders, dataset_info
 from bsq.engine import Distributed, Hooks, Speed, Trainer, init_seed, seed_all
 from bsq.errors import BSQError
 from bsq.layout import OUTPUTS
+from bsq.presets import switch_values
 from bsq.runlock import FolderLock
 
 log = logging.getLogger("bsq")
@@ -262,6 +263,7 @@ class Session:
             "bsq.arch": cfg.model.arch,
             "bsq.seed": str(cfg.seed),
             "bsq.config_hash": self.config_hash,
+            "bsq.preset": cfg.preset,
             **{f"bsq.{k}": str(v) for k, v in self.labels.items() if k not in ("dataset", "arch", "method", "seed")},
             **{f"bsq.{e['stage']}_run_id": e["run_id"] for e in upstream if e.get("run_id")},
             **{f"bsq.{k}": str(v) for k, v in self.volatile.items() if not k.startswith("tracking.")},
@@ -379,7 +381,8 @@ class Session:
         """Write metrics.json, history.csv and run.json, attach them to the run, drop the resume file."""
         if not self.dist.is_main:
             return metrics
-        record = {"stage": self.stage, "labels": self.labels, **metrics}
+        fidelity = {"preset": self.cfg.preset, "switches": switch_values(config_to_dict(self.cfg))}
+        record = {"stage": self.stage, "labels": self.labels, **fidelity, **metrics}
         write_json(self.outputs["metrics"], record)
         if history is not None and "history" in self.outputs:
             write_history(self.outputs["history"], history)
@@ -398,6 +401,7 @@ class Session:
             "labels": self.labels,
             "lineage": self.lineage,
             "config_hash": self.config_hash,
+            **fidelity,
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
             "outputs": {k: str(v) for k, v in self.outputs.items()},
         }
