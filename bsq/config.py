@@ -284,9 +284,11 @@ class FracBitsConfig:
     tolerance: float = 0.01  # the rounded policy must cost within 1 % of the target
     bisection_trials: int = 10
     blend: str = "floor"  # fractional blend: floor(lambda) and floor + 1 (ours) | floor and ceil(lambda) (authors)
+    best_epoch: str = "after_freeze"  # best-epoch candidates: after the hard assignment (ours) | all (authors, §1.7)
 
     def __post_init__(self) -> None:
         check_choice("fracbits.blend", self.blend)
+        check_choice("fracbits.best_epoch", self.best_epoch)
         _require(self.cost in ("size", "bitops"), "fracbits.cost", "size or bitops", self.cost)
         _require(
             self.match in ("compression", "size", "bitops"), "fracbits.match", "compression, size or bitops", self.match
@@ -342,6 +344,12 @@ class FracBitsConfig:
                 "epochs or more epochs"
             )
         return n
+
+    def best_after_of(self, search_epochs: int) -> int:
+        """First epoch that may be the kept best (Trainer.best_after). The authors keep the best test epoch of the
+        whole run (fracbits.md §1.7 step 5), a search epoch with fractional bits included; ours counts only the
+        discrete models after the hard assignment."""
+        return search_epochs if self.best_epoch == "after_freeze" else 0
 
 
 @dataclass

@@ -34,6 +34,7 @@ SWITCHES: dict[str, tuple[Any, ...]] = {
     "quant.quantize_shortcuts": (False, True),  # 1x1 shortcut convs in float (HEAD) or bit layers (paper-era)
     "model.stem_act_bits": (None, 8),  # plain ReLU after the stem (HEAD) or ReLU6 + 8 bits (paper-era)
     "fracbits.blend": ("floor", "ceil"),  # fractional blend of floor(lambda) with floor + 1 (ours) or ceil (authors)
+    "fracbits.best_epoch": ("after_freeze", "all"),  # best-epoch candidates: after the hard assignment, or every epoch
 }
 
 _OFFICIAL_BIN: dict[str, Any] = {
@@ -47,6 +48,7 @@ _OFFICIAL_BIN: dict[str, Any] = {
     "quant.quantize_shortcuts": False,
     "model.stem_act_bits": None,
     "fracbits.blend": "ceil",
+    "fracbits.best_epoch": "all",
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -61,6 +63,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "quant.quantize_shortcuts": False,
         "model.stem_act_bits": None,
         "fracbits.blend": "floor",
+        "fracbits.best_epoch": "after_freeze",
     },
     "official-bin": _OFFICIAL_BIN,
     "official": {**_OFFICIAL_BIN, "bsq.clamp": "none"},

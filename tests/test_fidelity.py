@@ -215,6 +215,25 @@ def test_fracbits_blend_reaches_every_layer_and_the_checkpoint_policy():
     assert FracPolicy(**policy.to_dict()).blend == "ceil"  # what a checkpoint stores and rebuilds
 
 
+@pytest.mark.parametrize(("best_epoch", "kept"), [("after_freeze", 2), ("all", 0)])
+def test_fracbits_best_epoch_all_can_keep_a_search_epoch(monkeypatch, best_epoch, kept):
+    """fracbits.md §1.7 step 5: the authors keep the best test epoch of the whole run; ours only those after the
+    hard assignment (here after 2 search epochs). Scripted test top-1: the search epoch 0 scores best."""
+    from bsq import engine
+    from bsq.config import FracBitsConfig, OptimConfig
+
+    scores = iter([90.0, 50.0, 60.0, 55.0])
+    monkeypatch.setattr(engine, "evaluate", lambda *a, **k: {"loss": 0.0, "top1": next(scores), "top5": 100.0})
+    x = torch.tensor([[1.0], [-1.0]])
+    batches = _Batches([(x, torch.tensor([0, 1]))])
+    optim = OptimConfig(epochs=4, lr=0.1, momentum=0.0, weight_decay=0.0, schedule="constant")
+    best_after = FracBitsConfig(best_epoch=best_epoch).best_after_of(search_epochs=2)
+    trainer = engine.Trainer(
+        torch.nn.Linear(1, 2), batches, batches, optim, seed=0, dist=engine.Distributed(), best_after=best_after
+    )
+    assert trainer.fit().best["epoch"] == kept
+
+
 def _planes_of(magnitudes: list[int], nbits: int, scale: float = 1.0):
     from bsq.quant import bits as B
 

@@ -9,7 +9,8 @@
 
 The target is `fracbits.target`, or a measured budget: the `budget` input is a BSQ run's metrics.json (prune or
 evaluate) and `fracbits.match` picks its compression, size or BitOPs, so the tables compare methods at equal cost.
-The saved model is the best test-accuracy epoch *after* the hard assignment (earlier epochs are not discrete models);
+The saved model is the best test-accuracy epoch *after* the hard assignment (earlier epochs are not discrete models;
+`fracbits.best_epoch: all` counts them too, as the authors);
 metrics.json records it, the final epoch, and the accuracy right after the hard assignment ("before finetuning").
 """
 
@@ -179,7 +180,7 @@ def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outp
         hooks = Hooks(
             after_backward=add_penalty, after_step=clamp_frac_bits_, on_epoch_start=assign, epoch_metrics=epoch_metrics
         )
-        trainer = s.trainer(model, loaders, tracker, hooks, keep_best=True, best_after=search_epochs)
+        trainer = s.trainer(model, loaders, tracker, hooks, keep_best=True, best_after=f.best_after_of(search_epochs))
         result = trainer.fit()
         model.load_state_dict(result.best_state)
         final = evaluate(model, loaders.test, s.device, s.progress)
@@ -194,7 +195,8 @@ def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outp
             "cost_kind": f.cost,
             "tolerance": f.tolerance,
             "achieved_cost": cost().item(),
-            "selection": "best test top-1 epoch after the hard assignment",
+            "selection": "best test top-1 epoch"
+            + (" after the hard assignment" if f.best_epoch == "after_freeze" else " of the whole run"),
             **cost_metrics(model, loaders.info, cfg.data.image_size),
         }
         write_json(s.outputs["scheme"], frac_scheme(model))
