@@ -151,8 +151,9 @@ class OptimConfig:
         self.milestones = list(self.milestones)
         _require(_is_number(self.gamma) and 0 < self.gamma <= 1, "optim.gamma", "in (0, 1]", self.gamma)
 
-    def lr_at(self, epoch: int) -> float:
-        """Learning rate of a whole epoch (the official scripts change it only at epoch boundaries)."""
+    def lr_at(self, epoch: float) -> float:
+        """Learning rate at `epoch`: a whole epoch (the official BSQ scripts change it only at epoch boundaries), or
+        a fractional epoch e + k/S for a per-iteration schedule (FracBits' cosine, fracbits.md §1.9)."""
         if self.schedule == "multistep":
             return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
         if self.schedule == "cosine":
@@ -285,10 +286,12 @@ class FracBitsConfig:
     bisection_trials: int = 10
     blend: str = "floor"  # fractional blend: floor(lambda) and floor + 1 (ours) | floor and ceil(lambda) (authors)
     best_epoch: str = "after_freeze"  # best-epoch candidates: after the hard assignment (ours) | all (authors, §1.7)
+    lr_step: str = "epoch"  # cosine lr set once per epoch (ours) | every iteration (authors, fracbits.md §1.9)
 
     def __post_init__(self) -> None:
         check_choice("fracbits.blend", self.blend)
         check_choice("fracbits.best_epoch", self.best_epoch)
+        check_choice("fracbits.lr_step", self.lr_step)
         _require(self.cost in ("size", "bitops"), "fracbits.cost", "size or bitops", self.cost)
         _require(
             self.match in ("compression", "size", "bitops"), "fracbits.match", "compression, size or bitops", self.match

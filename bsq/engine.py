@@ -222,6 +222,7 @@ def train_one_epoch(
     *,
     after_backward: Callable[[], torch.Tensor | None] | None = None,
     after_step: Callable[[], None] | None = None,
+    before_step: Callable[[int], None] | None = None,
     progress: bool = False,
     desc: str = "train",
     speed: Speed | None = None,
@@ -237,6 +238,8 @@ def train_one_epoch(
     has_extra = False
     non_blocking = device.type == "cuda"
     for images, labels in _bar(loader, len(loader), desc, progress):
+        if before_step is not None:
+            before_step(steps)  # step index in this epoch (a per-iteration lr schedule)
         images = speed.images(images.to(device, non_blocking=non_blocking))
         labels = labels.to(device, non_blocking=non_blocking)
         with speed.autocast(device):
@@ -348,6 +351,7 @@ class Trainer:
         save_resume: Callable[[nn.Module, dict[str, Any]], None] | None = None,
         keep_best: bool = False,
         best_after: int = 0,
+        lr_per_step: bool = False,
         progress: bool = False,
         resume: dict[str, Any] | None = None,
         speed: Speed | None = None,
@@ -360,6 +364,7 @@ class Trainer:
         self.save_resume = save_resume
         self.keep_best, self.progress = keep_best, progress
         self.best_after = best_after  # epochs before it are not candidates (FracBits: only discrete models count)
+        self.lr_per_step = lr_per_step  # lr_at(e + k/S) before each step k (FracBits' per-iteration cosine)
         self.speed = speed or Speed()
         self.optimizer = make_optimizer(model, optim)
         self.start_epoch = 0
@@ -417,10 +422,17 @@ class Trainer:
             self.dist.device,
             after_backward=(lambda: hooks.after_backward(model)) if hooks.after_backward else None,
             after_step=(lambda: hooks.after_step(model)) if hooks.after_step else None,
+            before_step=self._step_lr(epoch) if self.lr_per_step else None,
             progress=self.progress,
             desc=f"epoch {epoch + 1}/{self.optim.epochs}",
             speed=self.speed,
         )
+
+    def _step_lr(self, epoch: int) -> Callable[[int], None]:
+        """Sets the lr of step k of `epoch` to lr_at(epoch + k / S): the authors' FracBits scheduler steps every
+        iteration (fracbits.md §1.9), so the cosine falls within an epoch too."""
+        per_epoch = max(len(self.train_loader), 1)
+        return lambda k: set_lr(self.optimizer, self.optim.lr_at(epoch + k / per_epoch))
 
     def fit(self) -> FitResult:
         model, hooks = self.model, self.hooks

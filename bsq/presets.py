@@ -35,6 +35,7 @@ SWITCHES: dict[str, tuple[Any, ...]] = {
     "model.stem_act_bits": (None, 8),  # plain ReLU after the stem (HEAD) or ReLU6 + 8 bits (paper-era)
     "fracbits.blend": ("floor", "ceil"),  # fractional blend of floor(lambda) with floor + 1 (ours) or ceil (authors)
     "fracbits.best_epoch": ("after_freeze", "all"),  # best-epoch candidates: after the hard assignment, or every epoch
+    "fracbits.lr_step": ("epoch", "iteration"),  # the lr schedule's value set at each epoch, or at each iteration
 }
 
 _OFFICIAL_BIN: dict[str, Any] = {
@@ -49,6 +50,7 @@ _OFFICIAL_BIN: dict[str, Any] = {
     "model.stem_act_bits": None,
     "fracbits.blend": "ceil",
     "fracbits.best_epoch": "all",
+    "fracbits.lr_step": "iteration",
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -64,6 +66,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.stem_act_bits": None,
         "fracbits.blend": "floor",
         "fracbits.best_epoch": "after_freeze",
+        "fracbits.lr_step": "epoch",
     },
     "official-bin": _OFFICIAL_BIN,
     "official": {**_OFFICIAL_BIN, "bsq.clamp": "none"},

@@ -234,6 +234,42 @@ def test_fracbits_best_epoch_all_can_keep_a_search_epoch(monkeypatch, best_epoch
     assert trainer.fit().best["epoch"] == kept
 
 
+@pytest.mark.parametrize("lr_step", ["epoch", "iteration"])
+def test_fracbits_lr_step_iteration_runs_the_cosine_within_each_epoch(lr_step):
+    """fracbits.md §1.9: the authors' cosine steps every iteration, lr(e, k) = lr/2 (1 + cos(pi (e S + k) / (E S)));
+    ours sets the epoch's value at its start and keeps it for all S steps."""
+    import math
+
+    from bsq import engine
+    from bsq.config import FracBitsConfig, OptimConfig
+
+    x = torch.tensor([[1.0], [-1.0]])
+    batches = _Batches([(x, torch.tensor([0, 1]))] * 3)
+    optim = OptimConfig(epochs=2, lr=0.1, momentum=0.0, weight_decay=0.0, schedule="cosine")
+    per_step = FracBitsConfig(lr_step=lr_step).lr_step == "iteration"
+    seen: list[float] = []
+    hooks = engine.Hooks(after_step=lambda m: seen.append(trainer.optimizer.param_groups[0]["lr"]))
+    trainer = engine.Trainer(
+        torch.nn.Linear(1, 2),
+        batches,
+        batches,
+        optim,
+        seed=0,
+        dist=engine.Distributed(),
+        hooks=hooks,
+        lr_per_step=per_step,
+    )
+    trainer.fit()
+    steps, epochs = 3, 2
+    expected = [
+        0.05 * (1 + math.cos(math.pi * ((e * steps + k) if per_step else e * steps) / (epochs * steps)))
+        for e in range(epochs)
+        for k in range(steps)
+    ]
+    assert seen == pytest.approx(expected, rel=1e-12)
+    assert (len(set(seen)) == 6) == per_step  # per epoch: one value for each epoch's three steps
+
+
 def _planes_of(magnitudes: list[int], nbits: int, scale: float = 1.0):
     from bsq.quant import bits as B
 

@@ -332,6 +332,7 @@ class Session:
         hooks: Hooks | None = None,
         keep_best: bool = False,
         best_after: int = 0,
+        lr_per_step: bool = False,
     ) -> Trainer:
         """The shared training loop wired to this job: its recipe, seed, devices, MLflow run and resume file."""
         return Trainer(
@@ -346,6 +347,7 @@ class Session:
             save_resume=self.save_resume,
             keep_best=keep_best,
             best_after=best_after,
+            lr_per_step=lr_per_step,
             progress=self.progress,
             speed=Speed.resolve(self.cfg.speed, self.device),
             resume=self.resume,

@@ -180,7 +180,15 @@ def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outp
         hooks = Hooks(
             after_backward=add_penalty, after_step=clamp_frac_bits_, on_epoch_start=assign, epoch_metrics=epoch_metrics
         )
-        trainer = s.trainer(model, loaders, tracker, hooks, keep_best=True, best_after=f.best_after_of(search_epochs))
+        trainer = s.trainer(
+            model,
+            loaders,
+            tracker,
+            hooks,
+            keep_best=True,
+            best_after=f.best_after_of(search_epochs),
+            lr_per_step=f.lr_step == "iteration",
+        )
         result = trainer.fit()
         model.load_state_dict(result.best_state)
         final = evaluate(model, loaders.test, s.device, s.progress)
