@@ -270,6 +270,29 @@ def test_fracbits_lr_step_iteration_runs_the_cosine_within_each_epoch(lr_step):
     assert (len(set(seen)) == 6) == per_step  # per epoch: one value for each epoch's three steps
 
 
+@pytest.mark.parametrize("project", ["step", "none"])
+def test_fracbits_project_none_leaves_lambda_past_its_range_but_uses_it_clamped(project):
+    """fracbits.md §1.3: the authors clamp lambda to [b_min, b_max] only where it is used; ours also projects the
+    parameter after each step. A lambda pushed to 9.5 in [1, 8] quantizes and costs as 8 bits either way."""
+    from bsq.config import FracBitsConfig
+    from bsq.quant.frac import FracPolicy, frac_layers, frac_quantize_model
+    from bsq.stages.fracbits import projection
+
+    model = frac_quantize_model(create_model("resnet8", act_bits=None), FracPolicy(w_bits=(1, 8)))
+    name, layer = next((n, lay) for n, lay in frac_layers(model) if lay.searches_weight)
+    with torch.no_grad():
+        layer.wbits.fill_(8.0)
+    at_eight = layer.quantized_weight().detach().clone()
+    with torch.no_grad():
+        layer.wbits.fill_(9.5)  # where an optimizer step left it
+    hook = projection(FracBitsConfig(project=project).project)
+    if hook is not None:
+        hook(model)
+    assert layer.wbits.max().item() == (8.0 if project == "step" else 9.5)
+    assert layer.weight_bits() == 8
+    torch.testing.assert_close(layer.quantized_weight(), at_eight)
+
+
 def _planes_of(magnitudes: list[int], nbits: int, scale: float = 1.0):
     from bsq.quant import bits as B
 

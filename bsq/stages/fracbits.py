@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -94,6 +94,13 @@ def _init_bits_(model: nn.Module, bits: float) -> None:
         if layer.searches_act:
             layer.abits.fill_(bits)
     clamp_frac_bits_(model)
+
+
+def projection(project: str) -> Callable[[nn.Module], None] | None:
+    """The after-step hook of `fracbits.project`: ours projects lambda onto its range after every step; the
+    authors' lambda is a free parameter clamped only where it is used, in the quantizer and the cost (fracbits.md
+    §1.3), so a lambda pushed past a bound stays there until the penalty pulls it back."""
+    return clamp_frac_bits_ if project == "step" else None
 
 
 def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outputs: Mapping[str, Any]) -> dict:
@@ -178,7 +185,10 @@ def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outp
             }
 
         hooks = Hooks(
-            after_backward=add_penalty, after_step=clamp_frac_bits_, on_epoch_start=assign, epoch_metrics=epoch_metrics
+            after_backward=add_penalty,
+            after_step=projection(f.project),
+            on_epoch_start=assign,
+            epoch_metrics=epoch_metrics,
         )
         trainer = s.trainer(
             model,
