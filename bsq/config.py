@@ -288,12 +288,16 @@ class FracBitsConfig:
     best_epoch: str = "after_freeze"  # best-epoch candidates: after the hard assignment (ours) | all (authors, §1.7)
     lr_step: str = "epoch"  # cosine lr set once per epoch (ours) | every iteration (authors, fracbits.md §1.9)
     project: str = "step"  # lambda clamped to its range after each step (ours) | none: only at use (authors, §1.3)
+    # hard assignment: [-1, 0] first, bracketed further when needed, closest trial kept (ours) | official: [-1, 0]
+    # only, the last trial kept (the authors' train.py, fracbits.md §1.7)
+    bisection: str = "extended"
 
     def __post_init__(self) -> None:
         check_choice("fracbits.blend", self.blend)
         check_choice("fracbits.best_epoch", self.best_epoch)
         check_choice("fracbits.lr_step", self.lr_step)
         check_choice("fracbits.project", self.project)
+        check_choice("fracbits.bisection", self.bisection)
         _require(self.cost in ("size", "bitops"), "fracbits.cost", "size or bitops", self.cost)
         _require(
             self.match in ("compression", "size", "bitops"), "fracbits.match", "compression, size or bitops", self.match

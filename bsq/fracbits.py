@@ -157,9 +157,33 @@ class HardAssignment:
         }
 
 
+def official_offset(cost_at, target: float, tolerance: float = 0.01, trials: int = 10) -> float:
+    """The authors' offset search (deJQK/FracBits train.py, at `hard_assign_epoch`): bisect in [-1, 0] from 0,
+    at most `trials` halvings, stop once the cost is within `tolerance` of the target, and keep the LAST offset
+    tried (not the closest). Under budget at 0 it stays at 0 (lower = higher = 0); far over budget it ends just
+    above -1. `cost_at(delta)` gives the rounded policy's cost at offset delta."""
+    lower, higher, delta = -1.0, 0.0, 0.0
+    c = cost_at(delta)
+    for _ in range(trials):
+        if c - target > tolerance * target:
+            higher = delta
+        elif c - target < -tolerance * target:
+            lower = delta
+        else:
+            break
+        delta = (higher + lower) / 2
+        c = cost_at(delta)
+    return delta
+
+
 @torch.no_grad()
 def hard_assign(
-    model: nn.Module, cost: CostModel, target: float, tolerance: float = 0.01, trials: int = 10
+    model: nn.Module,
+    cost: CostModel,
+    target: float,
+    tolerance: float = 0.01,
+    trials: int = 10,
+    bisection: str = "extended",
 ) -> HardAssignment:
     """Bisect one global offset delta, starting at 0, until round(lambda + delta) costs within `tolerance`
     (relative) of `target`, then freeze every layer at those integer bits (fracbits.md §1.7).
@@ -170,7 +194,8 @@ def hard_assign(
     under ~1 bit per weight), above 0 when the rounded policy falls short. So the frozen policy meets the budget
     and the tables compare at equal cost (our deviation; the metrics record the offset and every trial). The cost
     is monotone in delta. If no trial lands within tolerance (a big layer's one-bit step jumps over the window),
-    the closest trial at or under the target is kept, else the closest."""
+    the closest trial at or under the target is kept, else the closest. `bisection="official"` is the authors'
+    search exactly (`official_offset`: [-1, 0] only, the last trial kept), switch `fracbits.bisection`."""
     span = max(max(layer.w_range[1], (layer.a_range or (0, 0))[1]) for _, layer in frac_layers(model))
     tried: list[tuple[float, float]] = []
 
@@ -190,6 +215,11 @@ def hard_assign(
                 return
             lo, hi = (lo, mid) if c > target else (mid, hi)
 
+    if bisection == "official":
+        delta = official_offset(at, target, tolerance, trials)
+        return _freeze(model, cost, delta, next(c for d, c in reversed(tried) if d == delta), target, tried)
+    if bisection != "extended":
+        raise BSQError(f"fracbits.bisection must be extended or official, got {bisection!r}")
     c = at(0.0)
     if not close(c):
         over = c > target
@@ -205,6 +235,13 @@ def hard_assign(
     under = [t for t in tried if t[1] <= target]
     pool = within or under or tried
     delta, c = min(pool, key=lambda t: abs(t[1] - target))
+    return _freeze(model, cost, delta, c, target, tried)
+
+
+def _freeze(
+    model: nn.Module, cost: CostModel, delta: float, c: float, target: float, tried: list[tuple[float, float]]
+) -> HardAssignment:
+    """Every layer at round(lambda + delta), checked to cost what its trial did."""
     for _, layer in frac_layers(model):
         layer.set_hard_(delta)
     final = float(cost())

@@ -36,6 +36,7 @@ SWITCHES: dict[str, tuple[Any, ...]] = {
     "fracbits.blend": ("floor", "ceil"),  # fractional blend of floor(lambda) with floor + 1 (ours) or ceil (authors)
     "fracbits.best_epoch": ("after_freeze", "all"),  # best-epoch candidates: after the hard assignment, or every epoch
     "fracbits.lr_step": ("epoch", "iteration"),  # the lr schedule's value set at each epoch, or at each iteration
+    "fracbits.bisection": ("extended", "official"),  # hard-assignment offset search: ours, or the authors' exactly
     "fracbits.project": ("step", "none"),  # lambda clamped to its range after each step, or only where it is used
 }
 
@@ -53,6 +54,7 @@ _OFFICIAL_BIN: dict[str, Any] = {
     "fracbits.best_epoch": "all",
     "fracbits.lr_step": "iteration",
     "fracbits.project": "none",
+    "fracbits.bisection": "official",
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -70,6 +72,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "fracbits.best_epoch": "after_freeze",
         "fracbits.lr_step": "epoch",
         "fracbits.project": "step",
+        "fracbits.bisection": "extended",
     },
     "official-bin": _OFFICIAL_BIN,
     "official": {**_OFFICIAL_BIN, "bsq.clamp": "none"},

@@ -381,3 +381,49 @@ def test_the_table_footnote_names_each_preset_and_the_switches_set_against_it(tm
     assert "preset `default`: Uniform QAT" in note
     assert "preset `official-bin`: BSQ" in note
     assert 'preset `official-bin`, with {"fracbits.blend": "floor"}: FracBits' in note
+
+
+# ---- fracbits.bisection: the hard assignment's offset search ------------------------------------------------------
+def _linear(slope: float):
+    return lambda delta: 100.0 + slope * delta
+
+
+@pytest.mark.parametrize(
+    "cost_at, target, trials, expected",
+    [
+        # 100 -> 50 -> 75 -> 87.5 -> 81.25 -> 78.125 -> 79.6875, within 1 % of 80: stop (worked by hand)
+        (_linear(100.0), 80.0, 10, -0.203125),
+        (_linear(100.0), 150.0, 10, 0.0),  # under budget at 0: lower = higher = 0, the offset stays 0
+        (_linear(10.0), 50.0, 10, -(1 - 2**-10)),  # far over budget: ten halvings toward -1, never beyond
+        # a step cost: -0.5 costs 79 (1.25 % off), then -0.25 costs 100 again; the LAST offset is kept, not the closest
+        (lambda d: 100.0 if d > -0.4 else 79.0, 80.0, 2, -0.25),
+    ],
+)
+def test_official_offset_search_is_the_authors_bisection(cost_at, target, trials, expected):
+    from bsq.fracbits import official_offset
+
+    assert official_offset(cost_at, target, 0.01, trials) == expected
+
+
+@pytest.mark.parametrize("bisection", ["extended", "official"])
+def test_bisection_switch_under_budget_at_zero(bisection):
+    """A rounded policy 20 % under its budget: the authors' search stays at offset 0 (their [-1, 0] cannot raise
+    bits); ours brackets above 0 and lands within 1 %."""
+    from bsq.fracbits import CostModel, hard_assign
+    from bsq.quant.frac import FracPolicy, frac_layers, frac_quantize_model
+
+    torch.manual_seed(0)
+    model = frac_quantize_model(
+        create_model("resnet8", 10, act_bits=None, width=8), FracPolicy(a_bits=None, granularity="kernel")
+    )
+    with torch.no_grad():
+        for _, layer in frac_layers(model):
+            if layer.searches_weight:
+                layer.wbits.uniform_(2, 5)
+    cost = CostModel(model, (3, 32, 32), "size")
+    target = cost(offset=0.0).item() * 1.2
+    result = hard_assign(model, cost, target, 0.01, 10, bisection)
+    if bisection == "official":
+        assert result.offset == 0.0 and result.cost < 0.99 * target
+    else:
+        assert result.offset > 0 and abs(result.relative_error) <= 0.01

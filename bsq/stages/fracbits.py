@@ -159,7 +159,7 @@ def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outp
         def assign(epoch: int, m: nn.Module) -> tuple[dict[str, float], str | None]:
             if epoch != search_epochs or not searching(m):
                 return {}, None
-            result = hard_assign(m, cost, target, f.tolerance, f.bisection_trials)
+            result = hard_assign(m, cost, target, f.tolerance, f.bisection_trials, f.bisection)
             record = result.as_metrics(f.tolerance)
             if not record["budget_met"]:
                 log.warning(
