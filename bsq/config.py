@@ -293,11 +293,8 @@ class FracBitsConfig:
     bisection: str = "extended"
 
     def __post_init__(self) -> None:
-        check_choice("fracbits.blend", self.blend)
-        check_choice("fracbits.best_epoch", self.best_epoch)
-        check_choice("fracbits.lr_step", self.lr_step)
-        check_choice("fracbits.project", self.project)
-        check_choice("fracbits.bisection", self.bisection)
+        for key in ("blend", "best_epoch", "lr_step", "project", "bisection"):
+            check_choice(f"fracbits.{key}", getattr(self, key))
         _require(self.cost in ("size", "bitops"), "fracbits.cost", "size or bitops", self.cost)
         _require(
             self.match in ("compression", "size", "bitops"), "fracbits.match", "compression, size or bitops", self.match
@@ -451,6 +448,24 @@ class StageConfig:
     qat: QATConfig = field(default_factory=QATConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def model_args(self) -> dict[str, Any]:
+        """create_model arguments of a fresh model for this config and dataset (what checkpoints record)."""
+        from bsq.data import dataset_info
+        from bsq.models import model_info
+
+        info, m = dataset_info(self.data.name), self.model
+        args: dict[str, Any] = {
+            "arch": m.arch,
+            "num_classes": info.num_classes,
+            "act_bits": m.act_bits,
+            "stem_act_bits": m.stem_act_bits,
+        }
+        if model_info(m.arch).family == "cifar":
+            args.update(in_channels=info.in_channels, width=m.width or 16)
+        elif m.width is not None:
+            raise BSQError(f"model.width applies to the CIFAR ResNets only, not {m.arch}; remove it")
+        return args
 
     def __post_init__(self) -> None:
         _require(self.stage in STAGES, "stage", f"one of {', '.join(STAGES)}", self.stage)

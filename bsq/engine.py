@@ -394,7 +394,7 @@ class Trainer:
         Call before `fit`, not on resume (the resume file carries the best row and state)."""
         self.best = {"epoch": -1, **{f"test_{k}": v for k, v in test.items()}}
         if self.keep_best:
-            self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            self.best_state = _snapshot(self.model)
 
     def _resume_payload(self, epoch: int) -> dict[str, Any]:
         return {
@@ -467,7 +467,7 @@ class Trainer:
             if epoch >= self.best_after and (not self.best or test["top1"] > self.best["test_top1"]):
                 self.best = dict(row)
                 if self.keep_best:
-                    self.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                    self.best_state = _snapshot(model)
             self.history.append(row)
             if self.dist.is_main:
                 print(_format_row(row), file=sys.stderr, flush=True)
@@ -475,6 +475,11 @@ class Trainer:
                 if self.save_resume is not None:
                     self.save_resume(model, self._resume_payload(epoch + 1))
         return FitResult(model, self.history, self.best, self.best_state)
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the model's state: the kept best epoch must not follow later training steps."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 @contextlib.contextmanager

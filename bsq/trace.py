@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bsq.checkpoint import build_model
 from bsq.config import StageConfig
-from bsq.data import dataset_info, train_set_in_file_order
+from bsq.data import train_set_in_file_order
 from bsq.engine import make_optimizer
 from bsq.errors import BSQError
 from bsq.metrics import summary
-from bsq.models import create_model
-from bsq.quant.convert import bit_layers, clamp_search_, quantize_model
+from bsq.quant.convert import bit_layers, clamp_search_, quantize_model, requantize_model
 from bsq.regularizers import official_penalty_sum, total_quantized_params
 
 __all__ = ["build_traced_model", "run_trace"]
@@ -35,11 +35,7 @@ def build_traced_model(cfg: StageConfig, checkpoint: str | Path) -> nn.Module:
     `pruning(0)`, as the authors' search script right after loading (spec §3.0)."""
     from bsq.official import load_official_state, read_official_checkpoint
 
-    info = dataset_info(cfg.data.name)
-    kwargs: dict[str, Any] = {"in_channels": info.in_channels} if info.family != "imagenet" else {}
-    if cfg.model.width is not None:
-        kwargs["width"] = cfg.model.width
-    model = create_model(cfg.model.arch, info.num_classes, cfg.model.act_bits, cfg.model.stem_act_bits, **kwargs)
+    model = build_model(cfg.model_args(), "float", None, {})
     ckpt = read_official_checkpoint(checkpoint)
     if ckpt.get("Nbit_dict"):
         raise BSQError(f"{checkpoint} is a bit-form checkpoint; bsq trace starts from a float one")
@@ -84,8 +80,7 @@ def run_trace(cfg: StageConfig, checkpoint: str | Path, steps: int, alpha: float
         optimizer.step()
         clamp_search_(model, cfg.bsq.clamp)
         trajectory.append({"step": i, "ce": round(ce.item(), 6), "reg_over_tp": round(reg.item(), 6)})
-    for _, layer in bit_layers(model):
-        layer.requantize_(cfg.quant.maxbit, 0.0, grow=cfg.bsq.overflow == "grow")
+    requantize_model(model, cfg.quant.maxbit, 0.0, grow=cfg.bsq.overflow == "grow")
     totals = summary(model)
     return {
         "steps": steps,

@@ -173,23 +173,6 @@ class Session:
     def dataset(self) -> DatasetInfo:
         return dataset_info(self.cfg.data.name)
 
-    def fresh_model_args(self) -> dict[str, Any]:
-        """create_model arguments for this config and dataset (what checkpoints record)."""
-        from bsq.models import model_info
-
-        info, m = self.dataset(), self.cfg.model
-        args: dict[str, Any] = {
-            "arch": m.arch,
-            "num_classes": info.num_classes,
-            "act_bits": m.act_bits,
-            "stem_act_bits": m.stem_act_bits,
-        }
-        if model_info(m.arch).family == "cifar":
-            args.update(in_channels=info.in_channels, width=m.width or 16)
-        elif m.width is not None:
-            raise BSQError(f"model.width applies to the CIFAR ResNets only, not {m.arch}; remove it")
-        return args
-
     def activation_overrides(self) -> dict[str, Any]:
         return {"act_bits": self.cfg.model.act_bits, "stem_act_bits": self.cfg.model.stem_act_bits}
 

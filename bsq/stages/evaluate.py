@@ -24,7 +24,7 @@ def _official_model(s: Session, weight_bits: int | None):
     from bsq.official import load_official_state, read_official_checkpoint
 
     ckpt = read_official_checkpoint(s.inputs["checkpoint"])
-    s.model_args = s.fresh_model_args()
+    s.model_args = s.cfg.model_args()
     model = build_model(s.model_args, "float", None, {})
     if ckpt.get("Nbit_dict"):  # the authors' bit form: build bit layers first, then size them to Nbit_dict
         quantize_model(model, s.cfg.quant.policy())

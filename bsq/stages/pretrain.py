@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from bsq.checkpoint import build_model, load_checkpoint, load_model
+from bsq.config import check_epochs
 from bsq.engine import evaluate
 from bsq.errors import BSQError
 from bsq.stages.common import Session
@@ -39,11 +40,10 @@ def _import(session: Session, path) -> Any:
 def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outputs: Mapping[str, Any]) -> dict:
     s = Session("pretrain", config, inputs, outputs, optional_inputs=INPUTS)
     cfg = s.cfg
-    s.model_args = s.fresh_model_args()
-    loaders = s.loaders()
     imported = s.inputs.get("import_checkpoint")
-    if cfg.optim.epochs == 0 and not imported:
-        raise BSQError("pretrain with optim.epochs = 0 trains nothing: give a checkpoint to import or epochs > 0")
+    check_epochs(cfg, imports_checkpoint=bool(imported))  # 0 epochs only with an import: known now, not at read
+    s.model_args = cfg.model_args()
+    loaders = s.loaders()
     # Built (and so validated) before the run opens; the seed fixes the initial weights.
     model = _import(s, imported) if imported else build_model(s.model_args, "float", None, {})
     with s.open_run(None) as tracker:

@@ -52,8 +52,6 @@ def check_not_degenerate(scheme: dict[str, int], alpha: str | float | None, wher
 def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outputs: Mapping[str, Any]) -> dict:
     s = Session("search", config, inputs, outputs, required_inputs=("checkpoint",))
     cfg, b = s.cfg, s.cfg.bsq
-    if cfg.optim.epochs < 1:
-        raise BSQError("search needs optim.epochs >= 1")
     parent = s.read_parent("checkpoint", forms=("float", "bits"))
     s.model_args = {**parent["model"], **s.activation_overrides()}
     s.policy = parent.get("policy") or {

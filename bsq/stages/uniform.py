@@ -12,7 +12,6 @@ from typing import Any
 
 from bsq.checkpoint import load_model
 from bsq.engine import evaluate
-from bsq.errors import BSQError
 from bsq.quant.frac import frac_scheme
 from bsq.stages.common import Session, write_json
 from bsq.stages.fracbits import activation_range, frac_model, policy_of, start
@@ -22,8 +21,6 @@ from bsq.stages.measure import cost_metrics
 def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outputs: Mapping[str, Any]) -> dict:
     s = Session("uniform", config, inputs, outputs, required_inputs=("checkpoint",))
     cfg = s.cfg
-    if cfg.optim.epochs < 1:
-        raise BSQError("uniform QAT needs optim.epochs >= 1")
     parent = start(s)
     bits, act = cfg.qat.bits, cfg.qat.act_bits
     a_bits = activation_range(s) if act is None else (bits, bits) if act == "same" else (act, act)
