@@ -35,7 +35,8 @@ def synthetic_cifar(folder: Path) -> Path:
 
 def run(args: argparse.Namespace, data_root: str) -> dict:
     from bsq.layout import default_outputs
-    from bsq.stages import finetune, pretrain, prune, search
+    from bsq.methods.bsq import finetune, prune, search
+    from bsq.stages import pretrain
 
     base = {
         "device": args.device,

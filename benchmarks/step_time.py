@@ -59,7 +59,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict:
     model = speed.prepare(model.to(device).train())
     cost = None
     if mode == "fracbits":
-        from bsq.fracbits import CostModel, penalty
+        from bsq.methods.fracbits.cost import CostModel, penalty
 
         size = CostModel(model, shape, "size")
         target = size().item() * 0.8

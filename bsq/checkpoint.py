@@ -6,6 +6,7 @@ half-written file where a finished one is expected.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from bsq.errors import BSQError
 
 __all__ = [
     "FORMAT",
+    "Form",
     "ForeignCheckpoint",
     "save_checkpoint",
     "load_checkpoint",
@@ -30,6 +32,16 @@ __all__ = [
 
 FORMAT = "bsq-repro-checkpoint"
 FORMAT_VERSION = 1
+
+
+class Form(StrEnum):
+    """What a checkpoint's model is: its saved `form` string (the values are what files hold, so old checkpoints
+    load as they are). A `Form` compares equal to its string."""
+
+    FLOAT = "float"  # no quantized layers
+    BITS = "bits"  # BSQ bit planes (search, prune)
+    LATENT = "latent"  # BSQ's finetune form: V = sum (p - n) e with its precisions frozen
+    FRAC = "frac"  # FracBits / uniform-QAT layers
 
 
 class ForeignCheckpoint(BSQError):
@@ -82,18 +94,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def model_form(model: nn.Module) -> str:
-    """ "float" (no quantized layers), "frac" (FracBits / uniform-QAT layers), or the common form of the BSQ bit
-    layers ("bits" or "latent")."""
+def model_form(model: nn.Module) -> Form:
+    """FLOAT (no quantized layers), FRAC (FracBits / uniform-QAT layers), or the common form of the BSQ bit
+    layers (BITS or LATENT)."""
     from bsq.quant.convert import bit_layers
     from bsq.quant.frac import frac_layers
 
     forms = {layer.form for _, layer in bit_layers(model)} | {layer.form for _, layer in frac_layers(model)}
     if not forms:
-        return "float"
+        return Form.FLOAT
     if len(forms) > 1:
         raise BSQError(f"bit layers are in mixed forms {sorted(forms)}; convert them all with set_form_ first")
-    return forms.pop()
+    return Form(forms.pop())
 
 
 def layer_precisions(model: nn.Module) -> dict[str, int]:
@@ -134,9 +146,9 @@ def make_checkpoint(
         "bsq_version": bsq.__version__,
         "torch_version": str(torch.__version__),
         "stage": stage,
-        "form": form,
+        "form": form.value,  # a plain string: `weights_only` loading accepts no enum
         "model": dict(model_args),
-        "policy": dict(policy) if form != "float" and policy is not None else None,
+        "policy": dict(policy) if form != Form.FLOAT and policy is not None else None,
         "precisions": layer_precisions(model),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "config": config or {},
@@ -148,24 +160,26 @@ def make_checkpoint(
     }
 
 
-def build_model(model_args: dict[str, Any], form: str, policy: dict[str, Any] | None, precisions: dict[str, int]):
+def build_model(
+    model_args: dict[str, Any], form: str | Form, policy: dict[str, Any] | None, precisions: dict[str, int]
+):
     """An empty model with the structure a checkpoint describes (planes sized to its precisions)."""
     from bsq.models import create_model
     from bsq.quant.convert import QuantPolicy, bit_layers, quantize_model, set_form_
 
     args = dict(model_args)
     model = create_model(args.pop("arch"), **args)
-    if form == "float":
+    if form == Form.FLOAT:
         return model
-    if form == "frac":  # structure from the policy; bit-widths, clips and hard / signed flags come with the state
+    if form == Form.FRAC:  # structure from the policy; bit-widths, clips and hard / signed flags come with the state
         from bsq.quant.frac import FracPolicy, frac_quantize_model
 
         return frac_quantize_model(model, FracPolicy(**(policy or {})))
-    if form not in ("bits", "latent"):
+    if form not in (Form.BITS, Form.LATENT):
         raise BSQError(f"unknown checkpoint form {form!r}")
     scheme = {name: max(int(n), 1) for name, n in precisions.items()}
     quantize_model(model, QuantPolicy(**(policy or {})), scheme=scheme)
-    if form == "latent":
+    if form == Form.LATENT:
         set_form_(model, "latent")
         for name, layer in bit_layers(model):  # restore exact N, including the 0-bit layers of spec §5.1
             layer.nbits = int(precisions[name])

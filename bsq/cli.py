@@ -1,6 +1,7 @@
 """The `bsq` command line: what the Snakemake rules call. `bsq --help` lists the subcommands.
 
-bsq models                                        # the registry
+bsq models                                        # the architectures
+bsq methods                                       # the methods and their stages
 bsq inspect --arch resnet20 --nbits 8 --out-dir results/models/resnet20
 bsq pretrain --config stage.yaml --out-dir runs/pretrain                      # or --import-checkpoint PATH
 bsq search   --config stage.yaml --checkpoint runs/pretrain/model.pt --alpha 5e-3 --out-dir runs/a5e-3/search
@@ -34,23 +35,27 @@ from bsq.signals import stop_signals_raise
 
 def _inspect(args: argparse.Namespace) -> None:
     """Convert a model (fresh, or from a checkpoint) to bit planes and write its per-layer table and costs."""
+    from bsq.atomic import write_text_atomic
     from bsq.metrics import layer_table, model_bitops_g, summary
     from bsq.models import create_model, model_info
-    from bsq.official import load_official_state, read_official_checkpoint
-    from bsq.quant.convert import QuantPolicy, quantize_model
+    from bsq.official import official_model
+    from bsq.quant.convert import QuantPolicy, bit_layers, quantize_model
     from bsq.regularizers import bit_penalty
 
     info = model_info(args.arch)
     num_classes = args.num_classes or (10 if info.family == "cifar" else 1000)
-    model = create_model(args.arch, num_classes=num_classes, act_bits=args.act_bits)
-    if args.checkpoint:
-        load_official_state(model, read_official_checkpoint(args.checkpoint))
     policy = QuantPolicy(nbits=args.nbits, quantize_shortcuts=args.quantize_shortcuts)
-    model = quantize_model(model, policy)
+    if args.checkpoint:  # the authors' float file, or their bit form (kept at its own precisions)
+        model_args = {"arch": args.arch, "num_classes": num_classes, "act_bits": args.act_bits}
+        model = official_model(model_args, args.checkpoint, policy, who="bsq inspect")
+    else:
+        model = create_model(args.arch, num_classes=num_classes, act_bits=args.act_bits)
+    if not any(True for _ in bit_layers(model)):
+        model = quantize_model(model, policy)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = layer_table(model)
-    table.to_csv(out / "layers.csv", index=False)
+    write_text_atomic(out / "layers.csv", table.to_csv(index=False))
     result = {
         "arch": args.arch,
         "nbits": args.nbits,
@@ -60,8 +65,16 @@ def _inspect(args: argparse.Namespace) -> None:
         "bitops_g": model_bitops_g(model, info.input_size),
         "penalty_r_over_tp": bit_penalty(model).item(),
     }
-    (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
+
+
+def _methods(args: argparse.Namespace) -> None:
+    from bsq.methods import registry
+
+    for method in registry().values():
+        stages = " -> ".join(spec.name for spec in method.stages)
+        print(f"{method.name:10s} {stages:28s} {method.summary}")
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -70,7 +83,7 @@ def _models(args: argparse.Namespace) -> None:
     print("\n".join(list_models()))
 
 
-# shortcut flag -> dotted config key
+# shortcut flag -> dotted config key (each stage's own flags come from its StageSpec)
 SHORTCUTS = {
     "arch": "model.arch",
     "act_bits": "model.act_bits",
@@ -78,9 +91,6 @@ SHORTCUTS = {
     "data_root": "data.root",
     "epochs": "optim.epochs",
     "lr": "optim.lr",
-    "alpha": "bsq.alpha",
-    "target": "fracbits.target",
-    "bits": "qat.bits",
     "seed": "seed",
     "preset": "preset",
     "device": "device",
@@ -129,7 +139,7 @@ def stage_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
             raise BSQError(f"{path} must hold a mapping of config keys")
     for key, text in _pairs(args.set, "--set").items():
         _set_dotted(config, key, yaml.safe_load(text) if text else None)
-    for flag, dotted in SHORTCUTS.items():
+    for flag, dotted in {**SHORTCUTS, **getattr(args, "config_flags", {})}.items():
         value = getattr(args, flag, None)
         if value is not None:
             _set_dotted(config, dotted, None if value == "none" else value)
@@ -160,28 +170,32 @@ def adopt_checkpoint_settings(config: dict[str, Any], checkpoint: str | None) ->
 
 
 def _run_stage(args: argparse.Namespace) -> None:
-    from bsq.stages import STAGE_MODULES, default_outputs
+    from bsq.layout import default_outputs
+    from bsq.methods import stage_spec
 
+    spec = stage_spec(args.command)
     config = stage_config_from_args(args)
     inputs = _pairs(args.input, "--input")
     if args.checkpoint:
         inputs["checkpoint"] = args.checkpoint
     if args.command != "pretrain":
         adopt_checkpoint_settings(config, inputs.get("checkpoint"))
-    if getattr(args, "import_checkpoint", None):
-        inputs["import_checkpoint"] = args.import_checkpoint
-    if getattr(args, "scheme", None):
-        inputs["scheme"] = args.scheme
-    if getattr(args, "budget", None):
-        inputs["budget"] = args.budget
+    extra: dict[str, Any] = {}
+    for flag in spec.flags:
+        value = getattr(args, _dest(flag))
+        if flag.input and value:
+            inputs[flag.input] = value
+        elif flag.arg:
+            extra[flag.arg] = value
     outputs: dict[str, Any] = dict(default_outputs(args.command, args.out_dir)) if args.out_dir else {}
     outputs.update(_pairs(args.output, "--output"))
-    extra: dict[str, Any] = {"weight_bits": args.weight_bits} if args.command == "evaluate" else {}
-    if args.command == "finetune":
-        extra["allow_unpruned"] = args.allow_unpruned
-    metrics = STAGE_MODULES[args.command].run(config, inputs, outputs, **extra)
+    metrics = spec.run_function()(config, inputs, outputs, **extra)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0's metrics are the job's
         print(json.dumps(metrics, default=str))
+
+
+def _dest(flag) -> str:
+    return flag.name.lstrip("-").replace("-", "_")
 
 
 def _trace(args: argparse.Namespace) -> None:
@@ -222,8 +236,9 @@ def _add_trace(sub) -> None:
     p.set_defaults(func=_trace, config_json=None, device="cpu")
 
 
-def _add_stage(sub, stage: str, help_text: str) -> None:
-    p = sub.add_parser(stage, help=help_text)
+def _add_stage(sub, spec) -> None:
+    """A subcommand for one stage (bsq.methods.StageSpec): the shared options, then the stage's own flags."""
+    p = sub.add_parser(spec.name, help=spec.help)
     p.add_argument("--config", help="YAML/JSON stage config (keys: see bsq.config.StageConfig)")
     p.add_argument("--config-json", help="the whole stage config as one JSON object (used by the workflow)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=0.05")
@@ -244,31 +259,22 @@ def _add_stage(sub, stage: str, help_text: str) -> None:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: local SQLite under results/mlflow)")
     p.add_argument("--experiment", help="MLflow experiment name")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
-    if stage == "search":
-        p.add_argument("--alpha", help="bsq.alpha, the regularisation strength (e.g. 5e-3)")
-    if stage == "pretrain":
-        p.add_argument("--import-checkpoint", help="start from this float checkpoint (ours or the authors')")
-    if stage == "finetune":
-        p.add_argument("--scheme", help="scheme.json: finetune a float checkpoint at these precisions (scratch)")
-        p.add_argument(
-            "--allow-unpruned",
-            action="store_true",
-            help="accept a search checkpoint (skipping prune: its planes are not re-quantized first)",
-        )
-    if stage == "evaluate":
-        p.add_argument("--weight-bits", type=int, help="quantize an official float checkpoint to N bits first")
-    if stage == "fracbits":
-        p.add_argument("--budget", help="metrics.json of a BSQ run: match its cost (fracbits.match, compression)")
-        p.add_argument("--target", type=float, help="fracbits.target, in MB (cost: size) or GBitOPs (cost: bitops)")
-    if stage == "uniform":
-        p.add_argument("--bits", type=int, help="qat.bits: weight bits of every layer but the first and the last")
-    p.set_defaults(func=_run_stage)
+    config_flags = {}
+    for flag in spec.flags:
+        if flag.type is bool:
+            p.add_argument(flag.name, action="store_true", help=flag.help)
+        else:
+            p.add_argument(flag.name, type=flag.type, help=flag.help)
+        if flag.key:
+            config_flags[_dest(flag)] = flag.key
+    p.set_defaults(func=_run_stage, config_flags=config_flags)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bsq", description="BSQ reproduction suite")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("models", help="list the registered architectures").set_defaults(func=_models)
+    sub.add_parser("methods", help="list the registered methods and their stages").set_defaults(func=_methods)
     p = sub.add_parser("inspect", help="per-layer bits, compression, size and BitOPs of a bit-plane model")
     p.add_argument("--arch", required=True, help="a name from `bsq models`")
     p.add_argument("--nbits", type=int, default=8, help="initial precision of every quantized layer (BSQ: 8)")
@@ -283,13 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize-shortcuts", action="store_true", help="paper-era policy (spec P4)")
     p.add_argument("--out-dir", required=True, help="writes layers.csv and summary.json here")
     p.set_defaults(func=_inspect)
-    _add_stage(sub, "pretrain", "train (or import) the full-precision model")
-    _add_stage(sub, "search", "BSQ search for one alpha: bit planes + group Lasso + periodic re-quantization")
-    _add_stage(sub, "prune", "final re-quantization: scheme.json and the pruned bit model")
-    _add_stage(sub, "finetune", "train with the scheme fixed; best model in bit and float form")
-    _add_stage(sub, "evaluate", "top-1/top-5, bits, compression, size, BitOPs of any checkpoint")
-    _add_stage(sub, "fracbits", "FracBits baseline: fractional bits to a cost target, hard assignment, finetune")
-    _add_stage(sub, "uniform", "uniform-precision QAT baseline (DoReFa weights, PACT activations)")
+    from bsq.methods import all_stages
+
+    for spec in all_stages().values():  # the generic stages, then each registered method's
+        _add_stage(sub, spec)
     _add_trace(sub)
     return parser
 

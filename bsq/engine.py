@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ __all__ = [
     "evaluate",
     "NonFiniteLoss",
     "Speed",
+    "EpochAction",
     "Hooks",
     "Trainer",
 ]
@@ -311,16 +313,22 @@ def evaluate(
     return {"loss": loss_sum.item() / seen, "top1": 100.0 * top1.item() / seen, "top5": 100.0 * top5.item() / seen}
 
 
+class EpochAction(Enum):
+    """What an `on_epoch_start` hook changed, so what the loop must redo before training the epoch."""
+
+    REWRAP = "rewrap"  # which parameters train changed: wrap the model for DDP again, keep the optimizer and its
+    # momentum (FracBits' hard assignment)
+    RESET = "reset"  # a fresh optimizer too: BSQ's re-quantization changes shapes and the official code resets it (P9)
+
+
 @dataclass
 class Hooks:
-    """Stage-specific steps of the loop. `on_epoch_start(epoch)` returns (metrics, action): None, "rewrap" (which
-    parameters train changed: wrap the model for DDP again, keep the optimizer and its momentum; FracBits' hard
-    assignment) or "reset" (a fresh optimizer too: BSQ's re-quantization changes shapes and the official code
-    resets it, spec P9)."""
+    """Stage-specific steps of the loop. `on_epoch_start(epoch)` returns (metrics, action): action None (nothing
+    changed) or an `EpochAction`."""
 
     after_backward: Callable[[nn.Module], torch.Tensor | None] | None = None
     after_step: Callable[[nn.Module], None] | None = None
-    on_epoch_start: Callable[[int, nn.Module], tuple[dict[str, float], str | None]] | None = None
+    on_epoch_start: Callable[[int, nn.Module], tuple[dict[str, float], EpochAction | None]] | None = None
     epoch_metrics: Callable[[nn.Module], dict[str, float]] | None = None
 
 
@@ -444,9 +452,9 @@ class Trainer:
             if hooks.on_epoch_start is not None:
                 metrics, action = hooks.on_epoch_start(epoch, model)
                 row.update(metrics)
-                if action not in (None, "rewrap", "reset"):
-                    raise ValueError(f"on_epoch_start must return None, 'rewrap' or 'reset', got {action!r}")
-                if action == "reset":
+                if action is not None and not isinstance(action, EpochAction):
+                    raise ValueError(f"on_epoch_start must return None or an EpochAction, got {action!r}")
+                if action is EpochAction.RESET:
                     self.optimizer = make_optimizer(model, self.optim, lr)
                 if action is not None:
                     wrapped = self._wrap(model)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bsq.methods import all_stages
+
 FILE_NAMES = {
     "checkpoint": "model.pt",
     "float_checkpoint": "model_float.pt",
@@ -16,15 +18,10 @@ FILE_NAMES = {
     "layers": "layers.csv",
     "run": "run.json",
 }
-OUTPUTS = {
-    "pretrain": ("checkpoint", "metrics", "history", "run"),
-    "search": ("checkpoint", "metrics", "history", "run"),
-    "prune": ("checkpoint", "scheme", "layers", "metrics", "run"),
-    "finetune": ("checkpoint", "float_checkpoint", "metrics", "history", "run"),
-    "evaluate": ("metrics", "layers", "run"),
-    "fracbits": ("checkpoint", "scheme", "metrics", "history", "run"),
-    "uniform": ("checkpoint", "scheme", "metrics", "history", "run"),
-}
+
+
+# stage -> its output names, from the stage specs (the generic stages and each registered method's)
+OUTPUTS: dict[str, tuple[str, ...]] = {name: spec.outputs for name, spec in all_stages().items()}
 
 
 def default_outputs(stage: str, out_dir: str | Path) -> dict[str, Path]:

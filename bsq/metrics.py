@@ -3,9 +3,9 @@
 - TP / TB count only *counted* quantized tensors (not BN, not FP shortcuts, not the per-layer scales);
   all-zero tensors cost 0 bits (spec P15). Compression = 32 TP / TB; average bits = TB / TP.
 - BitOPs = 1e-9 sum_l MACs_l * w_bits_l * a_bits_l, the FracBits / HAWQ-V3 definition.
-- The same tables serve BSQ bit layers and the FracBits / uniform-QAT layers (`bsq.quant.frac`): each method
-  counts bits its own way (BSQ: magnitude bits, the sign free; DoReFa: 2^k levels, sign included, fracbits.md
-  §1.11), and a FracBits layer's float bias counts 32 bits (FracBits' size formula).
+- The same tables serve every method: each quantized layer reports its own costs through the `QuantizedLayer`
+  protocol (`bsq.quant.accounting`), so BSQ counts magnitude bits (the sign free) and DoReFa 2^k levels (sign
+  included, fracbits.md §1.11) without this module knowing either class.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ import torch
 from torch import nn
 
 from bsq.quant import bits as B
+from bsq.quant.accounting import FLOAT_BITS, QuantizedLayer, conv_macs, linear_macs, probe, quantized_layers
 from bsq.quant.act import ActQuant
 from bsq.quant.convert import bit_layers
-from bsq.quant.frac import FracLayer, frac_layers
-from bsq.quant.layers import BitConv2d, BitLayer, BitLinear
 
 __all__ = [
     "layer_table",
@@ -31,46 +30,25 @@ __all__ = [
     "FLOAT_BITS",
 ]
 
-FLOAT_BITS = 32
-
 
 def layer_table(model: nn.Module) -> pd.DataFrame:
-    """One row per quantized tensor: name, params, stored bits N, effective bits, counted, % ones per plane."""
-    rows = []
-    for name, layer in bit_layers(model):
-        for what in layer.quantized_tensors():
-            key = name if what == "weight" else f"{name}.bias"
-            ones = B.ones_percent(*layer.planes(what)[:2]) if layer.form == "bits" else []
-            rows.append(
-                {
-                    "layer": key,
-                    "params": layer.num_params(what),
-                    "nbits": layer.precision(what),
-                    "bits": layer.effective_bits(what),
-                    "counted": layer.counted,
-                    "scale": float(getattr(layer, layer._names(what)[2]).detach()),
-                    "ones_pct": [round(z, 2) for z in ones],
-                }
-            )
-    for name, layer in frac_layers(model):
-        bits = layer.weight_bits()  # mean over kernels when kernel-wise
-        rows.append(_frac_row(name, layer.weight.numel(), bits, layer.input_bits()))
-        if layer.bias is not None:
-            rows.append(_frac_row(f"{name}.bias", layer.bias.numel(), FLOAT_BITS, None))
+    """One row per quantized tensor: name, params, stored bits N, effective bits, counted, scale, % ones per plane,
+    and the layer's own input bits where it quantizes its input."""
+    rows = [
+        {
+            "layer": f"{name}{cost.suffix}",
+            "params": cost.params,
+            "nbits": cost.nbits,
+            "bits": cost.bits,
+            "counted": cost.counted,
+            "scale": cost.scale,
+            "ones_pct": cost.ones_pct,
+            "a_bits": cost.a_bits,
+        }
+        for name, layer in quantized_layers(model)
+        for cost in layer.tensor_costs()
+    ]
     return pd.DataFrame(rows, columns=["layer", "params", "nbits", "bits", "counted", "scale", "ones_pct", "a_bits"])
-
-
-def _frac_row(key: str, params: int, bits: float, a_bits: float | None) -> dict:
-    return {
-        "layer": key,
-        "params": params,
-        "nbits": bits,
-        "bits": bits,
-        "counted": True,
-        "scale": float("nan"),  # DoReFa has no weight scale (BN absorbs it)
-        "ones_pct": [],
-        "a_bits": a_bits,
-    }
 
 
 def summary(model: nn.Module) -> dict[str, float]:
@@ -127,44 +105,22 @@ def projected_bits(model: nn.Module, maxbit: int = 8, grow: bool = True) -> dict
 def _is_quantized_param(model: nn.Module, param_name: str) -> bool:
     module_name, _, leaf = param_name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
-    if isinstance(module, FracLayer):
-        return leaf in ("weight", "bias")
-    return isinstance(module, BitLayer) and leaf in ("pweight", "nweight", "pbias", "nbias", "weight", "bias")
+    return isinstance(module, QuantizedLayer) and leaf in module.quantized_params()
 
 
 def _mac_hooks(model: nn.Module, macs: dict[str, int]) -> list:
-    """Forward hooks that record each conv / linear layer's MACs (float or bit form) into `macs`."""
+    """Forward hooks that record each conv / linear layer's MACs (float or quantized) into `macs`."""
 
-    def conv_hook(mod, inp, out, name):
-        kh, kw = mod.kernel_size
-        macs[name] = kh * kw * (mod.in_channels // mod.groups) * out[0].numel()
+    def count(mod, output) -> int:
+        if isinstance(mod, QuantizedLayer):
+            return mod.macs(output)
+        return conv_macs(mod, output) if isinstance(mod, nn.Conv2d) else linear_macs(mod, output)
 
-    def linear_hook(mod, inp, out, name):
-        macs[name] = mod.in_features * mod.out_features
-
-    hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, BitConv2d)):
-            hook = conv_hook
-        elif isinstance(m, (nn.Linear, BitLinear)):
-            hook = linear_hook
-        else:
-            continue
-        hooks.append(m.register_forward_hook(lambda mod, inp, out, name=name, hook=hook: hook(mod, inp, out, name)))
-    return hooks
-
-
-def _probe(model: nn.Module, x: torch.Tensor, hooks: list) -> None:
-    """One eval-mode forward of a single example with the given hooks, which are removed afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    return [
+        m.register_forward_hook(lambda mod, inp, out, name=name: macs.__setitem__(name, count(mod, out)))
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear, QuantizedLayer))
+    ]
 
 
 def _example(model: nn.Module, input_size: tuple[int, ...]) -> torch.Tensor:
@@ -174,7 +130,7 @@ def _example(model: nn.Module, input_size: tuple[int, ...]) -> torch.Tensor:
 def layer_macs(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
     """MACs of every conv / linear layer for one input of `input_size` (C, H, W)."""
     macs: dict[str, int] = {}
-    _probe(model, _example(model, input_size), _mac_hooks(model, macs))
+    probe(model, _example(model, input_size), _mac_hooks(model, macs))
     return macs
 
 
@@ -193,8 +149,7 @@ def model_bitops_g(model: nn.Module, input_size: tuple[int, ...], input_bits: in
     activation bits traced from the `ActQuant` that produced each layer's input. The image counts as
     `input_bits` (8, the FracBits convention); inputs no quantizer produced (pooled features, an unquantized
     stem) count as 32. A FracBits / uniform-QAT layer quantizes its own input: its input bits are its own."""
-    w_bits = {n: layer.effective_bits("weight") for n, layer in bit_layers(model)}
-    w_bits.update({n: layer.weight_bits() for n, layer in frac_layers(model)})
+    w_bits = {n: layer.weight_bits() for n, layer in quantized_layers(model)}
     # id -> (bits, tensor): holding the tensor keeps its id from being reused by a later tensor.
     produced: dict[int, tuple[int, torch.Tensor]] = {}
     a_bits: dict[str, float] = {}
@@ -205,16 +160,16 @@ def model_bitops_g(model: nn.Module, input_size: tuple[int, ...], input_bits: in
             produced[id(out)] = (mod.bits, out)
 
     def pre_hook(mod, inp, name):
-        own = mod.input_bits() if isinstance(mod, FracLayer) else None
+        own = mod.input_bits() if isinstance(mod, QuantizedLayer) else None
         a_bits[name] = own if own is not None else produced.get(id(inp[0]), (FLOAT_BITS, None))[0]
 
     for name, m in model.named_modules():
         if isinstance(m, ActQuant):
             hooks.append(m.register_forward_hook(act_hook))
-        elif isinstance(m, (nn.Conv2d, nn.Linear, BitLayer)):
+        elif isinstance(m, (nn.Conv2d, nn.Linear, QuantizedLayer)):
             hooks.append(m.register_forward_pre_hook(lambda mod, inp, name=name: pre_hook(mod, inp, name)))
     macs: dict[str, int] = {}
     x = _example(model, input_size)
     produced[id(x)] = (input_bits, x)
-    _probe(model, x, hooks + _mac_hooks(model, macs))
+    probe(model, x, hooks + _mac_hooks(model, macs))
     return bitops_g(macs, w_bits, a_bits)

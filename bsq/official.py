@@ -8,14 +8,33 @@ which must size the planes *before* `load_state_dict`, and 0-dim `scale` tensors
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from bsq.errors import BSQError
-from bsq.quant.convert import bit_layers
+from bsq.quant.convert import QuantPolicy, bit_layers, quantize_model
 
-__all__ = ["read_official_checkpoint", "load_official_state"]
+__all__ = ["read_official_checkpoint", "load_official_state", "official_model"]
+
+
+def official_model(
+    model_args: dict[str, Any], path: str | Path, bit_policy: QuantPolicy | None = None, *, who: str = "this command"
+) -> nn.Module:
+    """The model `model_args` describes (`bsq.checkpoint.build_model` arguments), holding the weights of the
+    authors' checkpoint at `path`. A bit-form file (`Nbit_dict`) is built in bit form with `bit_policy` first (then
+    sized to its Nbit_dict); without a policy it is refused: `who` takes float checkpoints only."""
+    from bsq.checkpoint import Form, build_model
+
+    ckpt = read_official_checkpoint(path)
+    bit_form = bool(ckpt.get("Nbit_dict"))
+    if bit_form and bit_policy is None:
+        raise BSQError(f"{path} is a bit-form checkpoint; {who} takes float checkpoints only")
+    model = build_model(model_args, Form.FLOAT, None, {})
+    if bit_form:  # the authors' bit form: build bit layers first, then size them to Nbit_dict
+        quantize_model(model, bit_policy)
+    return load_official_state(model, ckpt)
 
 
 def read_official_checkpoint(path: str | Path) -> dict:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from bsq.atomic import atomic_write, write_text_atomic
 from bsq.errors import BSQError
 
 # Columns averaged over seeds, in table order, with their display names.
@@ -421,10 +422,10 @@ def plot_search_curves(histories: dict[str, pd.DataFrame], path: str | Path) -> 
 def _save(fig, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    atomic_write(
+        path, lambda handle: fig.savefig(handle, format=Path(path).suffix.lstrip(".") or "png", dpi=150), binary=True
+    )
     plt.close(fig)
 
 
@@ -459,6 +460,4 @@ def write_report(
 
 
 def _write(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_text_atomic(path, text)  # a reader (or a killed job) never sees half a table

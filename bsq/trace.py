@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsq.checkpoint import build_model
 from bsq.config import StageConfig
 from bsq.data import train_set_in_file_order
 from bsq.engine import make_optimizer
@@ -33,13 +32,9 @@ __all__ = ["build_traced_model", "run_trace"]
 def build_traced_model(cfg: StageConfig, checkpoint: str | Path) -> nn.Module:
     """The float checkpoint (the authors' `model_best.pth.tar` or a plain state dict) in bit form after
     `pruning(0)`, as the authors' search script right after loading (spec §3.0)."""
-    from bsq.official import load_official_state, read_official_checkpoint
+    from bsq.official import official_model
 
-    model = build_model(cfg.model_args(), "float", None, {})
-    ckpt = read_official_checkpoint(checkpoint)
-    if ckpt.get("Nbit_dict"):
-        raise BSQError(f"{checkpoint} is a bit-form checkpoint; bsq trace starts from a float one")
-    load_official_state(model, ckpt)
+    model = official_model(cfg.model_args(), checkpoint, who="bsq trace")
     quantize_model(model, cfg.quant.policy())
     for _, layer in bit_layers(model):
         layer.prune_(0.0)
@@ -80,7 +75,7 @@ def run_trace(cfg: StageConfig, checkpoint: str | Path, steps: int, alpha: float
         optimizer.step()
         clamp_search_(model, cfg.bsq.clamp)
         trajectory.append({"step": i, "ce": round(ce.item(), 6), "reg_over_tp": round(reg.item(), 6)})
-    requantize_model(model, cfg.quant.maxbit, 0.0, grow=cfg.bsq.overflow == "grow")
+    requantize_model(model, cfg.quant.maxbit, 0.0, grow=cfg.bsq.grows)
     totals = summary(model)
     return {
         "steps": steps,

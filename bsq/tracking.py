@@ -25,7 +25,15 @@ from typing import Any
 from bsq.errors import BSQError
 from bsq.signals import critical
 
-__all__ = ["default_tracking_uri", "flatten_params", "config_hash", "git_commit", "Tracker", "check_tracking_uri"]
+__all__ = [
+    "default_tracking_uri",
+    "flatten",
+    "flatten_params",
+    "config_hash",
+    "git_commit",
+    "Tracker",
+    "check_tracking_uri",
+]
 
 MAX_PARAM_LENGTH = 6000  # MLflow 3's limit on a param value
 _METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. /]")
@@ -40,18 +48,22 @@ def default_tracking_uri(results_dir: str | Path = "results") -> str:
     return f"sqlite:///{(Path(results_dir) / 'mlflow' / 'mlflow.db').resolve()}"
 
 
-def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}: dotted keys, values as they are (an empty mapping is a value)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def flatten_params(config: Mapping[str, Any]) -> dict[str, str]:
     """{"optim": {"lr": 0.1}} -> {"optim.lr": "0.1"}; lists as JSON, None as "None", long values truncated."""
     out: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(flatten_params(value, f"{name}."))
-            continue
-        if isinstance(value, (list, tuple, Mapping)):
-            text = json.dumps(value, default=str)
-        else:
-            text = str(value)
+    for name, value in flatten(config).items():
+        text = json.dumps(value, default=str) if isinstance(value, (list, tuple, Mapping)) else str(value)
         out[name] = text[:MAX_PARAM_LENGTH]
     return out
 
@@ -88,6 +100,77 @@ def _is_locked_error(exc: BaseException) -> bool:
     return "database is locked" in str(exc) or "database table is locked" in str(exc)
 
 
+class _Store:
+    """One MLflow store: its client, every write under the store's file lock (local SQLite) and retried while
+    SQLite reports itself locked."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.db = _sqlite_path(uri)
+        if self.db is not None:
+            try:
+                self.db.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise self.error(exc) from exc
+
+    def error(self, exc: BaseException) -> BSQError:
+        return BSQError(
+            f"cannot open the MLflow store {self.uri!r}: {exc}. Set tracking.uri (or MLFLOW_TRACKING_URI) to a "
+            "writable sqlite:////abs/path/mlflow.db or an http(s) server, or set tracking.enabled: false."
+        )
+
+    def open(self, experiment: str) -> str:
+        """Connect (creating or migrating a SQLite store under the lock) and get or create `experiment`: its id."""
+        try:
+            from mlflow import MlflowClient
+
+            with self.locked():
+                self.client = MlflowClient(tracking_uri=self.uri)
+                return self._experiment(experiment)
+        except BSQError:
+            raise
+        except Exception as exc:  # mlflow raises many types for a bad store
+            raise self.error(exc) from exc
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        if self.db is None:
+            yield
+            return
+        with open(f"{self.db}.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def write(self, fn, *args, **kwargs):
+        """Call `fn` under the lock, retrying the transient "database is locked" of SQLite."""
+        for attempt in range(RETRIES):
+            try:
+                with critical(), self.locked():  # a stop signal waits until the record is written
+                    return fn(*args, **kwargs)
+            except Exception as exc:
+                if attempt == RETRIES - 1 or not _is_locked_error(exc):
+                    raise
+                time.sleep(0.1 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                raise BSQError(
+                    f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore) or set "
+                    "tracking.experiment to another name"
+                )
+            return found.experiment_id
+        location = None
+        if self.db is not None:
+            location = (self.db.parent / "artifacts" / name).resolve().as_uri()
+        return self.client.create_experiment(name, artifact_location=location, tags={"project": "bsq-repro"})
+
+
 class Tracker:
     """One MLflow run for one stage job; a context manager that ends the run FINISHED, FAILED on an exception or
     KILLED on KeyboardInterrupt or a stop signal (the exception propagates; its text becomes the run's
@@ -113,22 +196,9 @@ class Tracker:
         if not enabled:
             return
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        self._db = _sqlite_path(self.uri)
-        if self._db is not None:
-            try:
-                self._db.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise self._uri_error(exc) from exc
-        try:
-            from mlflow import MlflowClient
-
-            with self._locked():
-                self.client = MlflowClient(tracking_uri=self.uri)
-                self.experiment_id = self._experiment(experiment)
-        except BSQError:
-            raise
-        except Exception as exc:  # mlflow raises many types for a bad store
-            raise self._uri_error(exc) from exc
+        self._store = _Store(self.uri)
+        self.experiment_id = self._store.open(experiment)
+        self.client, self._write = self._store.client, self._store.write
         commit = git_commit()
         all_tags = {**(tags or {})}
         if commit:
@@ -144,51 +214,6 @@ class Tracker:
         self.set_tags(all_tags)
         if params:
             self._log_params(flatten_params(params))
-
-    # ---- store access ----------------------------------------------------------------------------------------
-    def _uri_error(self, exc: BaseException) -> BSQError:
-        return BSQError(
-            f"cannot open the MLflow store {self.uri!r}: {exc}. Set tracking.uri (or MLFLOW_TRACKING_URI) to a "
-            "writable sqlite:////abs/path/mlflow.db or an http(s) server, or set tracking.enabled: false."
-        )
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        if self._db is None:
-            yield
-            return
-        with open(f"{self._db}.lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def _write(self, fn, *args, **kwargs):
-        """Call `fn` under the lock, retrying the transient "database is locked" of SQLite."""
-        for attempt in range(RETRIES):
-            try:
-                with critical(), self._locked():  # a stop signal waits until the record is written
-                    return fn(*args, **kwargs)
-            except Exception as exc:
-                if attempt == RETRIES - 1 or not _is_locked_error(exc):
-                    raise
-                time.sleep(0.1 * 2**attempt)
-        raise AssertionError("unreachable")
-
-    def _experiment(self, name: str) -> str:
-        found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            if found.lifecycle_stage == "deleted":
-                raise BSQError(
-                    f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore) or set "
-                    "tracking.experiment to another name"
-                )
-            return found.experiment_id
-        location = None
-        if self._db is not None:
-            location = (self._db.parent / "artifacts" / name).resolve().as_uri()
-        return self.client.create_experiment(name, artifact_location=location, tags={"project": "bsq-repro"})
 
     def _reopen(self, run_id: str) -> None:
         try:

@@ -1,4 +1,5 @@
-"""Helpers shared by the stage tests: the tiny digits / ResNet-8 config and the MLflow runs of a test store."""
+"""Helpers shared by the stage tests: the tiny digits / ResNet-8 config, the MLflow runs of a test store, and an
+interruption after the first training epoch (resume tests)."""
 
 from __future__ import annotations
 
@@ -29,3 +30,19 @@ def mlflow_runs(root: Path, experiment: str = "test-stages") -> pd.DataFrame:
         return mlflow.search_runs(experiment_names=[experiment])
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def interrupt_after_first_epoch(monkeypatch) -> None:
+    """Make the second `train_one_epoch` call raise KeyboardInterrupt, as Ctrl-C during the second epoch."""
+    from bsq import engine
+
+    real = engine.train_one_epoch
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_one_epoch", flaky)

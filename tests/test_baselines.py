@@ -12,11 +12,13 @@ import torch
 
 from bsq.checkpoint import load_checkpoint
 from bsq.errors import BSQError
+from bsq.methods.bsq import prune, search
+from bsq.methods.fracbits import train as fracbits
+from bsq.methods.uniform import train as uniform
 from bsq.quant.frac import frac_layers
-from bsq.stages import default_outputs, evaluate, fracbits, pretrain, prune, search, uniform
+from bsq.stages import default_outputs, evaluate, pretrain
+from tests.helpers import interrupt_after_first_epoch, tiny_config
 from tests.helpers import mlflow_runs as _runs
-from tests.helpers import tiny_config
-from tests.test_stages import _interrupt_after_first_epoch
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def runs(tmp_path_factory):
     out["eval_uniform"] = default_outputs("evaluate", root / "eval_uniform")
     pretrain.run({**cfg, "model": {**cfg["model"], "act_bits": None}}, {}, out["pretrain"])
     float_model = {"checkpoint": out["pretrain"]["checkpoint"]}
-    search.run({**cfg, "bsq": {"alpha": "2", "requant_interval": 1}}, float_model, out["search"])
+    search.run({**cfg, "bsq": {"alpha": 2.0, "requant_interval": 1}}, float_model, out["search"])
     prune.run(cfg, {"checkpoint": out["search"]["checkpoint"]}, out["prune"])
     fb_cfg = {**cfg, "optim": {"epochs": 6}, "fracbits": {"prune_channels": True}}
     fracbits.run(fb_cfg, {**float_model, "budget": out["prune"]["metrics"]}, out["fracbits"])
@@ -112,7 +114,7 @@ def test_interrupted_fracbits_resumes_to_the_same_result(tmp_path, monkeypatch):
     fracbits.run(cfg, upstream, straight)
     resumed = default_outputs("fracbits", tmp_path / "resumed")
     with monkeypatch.context() as m:
-        _interrupt_after_first_epoch(m)
+        interrupt_after_first_epoch(m)
         with pytest.raises(KeyboardInterrupt):
             fracbits.run(cfg, upstream, resumed)
     fracbits.run(cfg, upstream, resumed)

@@ -33,7 +33,7 @@ from bsq.checkpoint import load_checkpoint, load_model
 from bsq.data import DataConfig, build_loaders
 from bsq.quant.convert import export_integer, export_scheme
 from tests.conftest import PROJECT_ROOT
-from tests.test_workflow import SNAKEMAKE, _make_workdir
+from tests.workflow_helpers import SNAKEMAKE, _make_workdir
 
 WORLD = 2
 PER_RANK = 32  # data.batch_size under DDP; the single-process comparison uses PER_RANK * WORLD

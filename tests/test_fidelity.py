@@ -107,7 +107,8 @@ def test_dropped_bias_leaves_the_forward_and_gets_no_update(form):
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory):
     """A pruned bit checkpoint of the tiny digits ResNet-8 (pretrain, search and prune of one epoch each)."""
-    from bsq.stages import default_outputs, pretrain, prune, search
+    from bsq.methods.bsq import prune, search
+    from bsq.stages import default_outputs, pretrain
     from tests.helpers import tiny_config
 
     root = tmp_path_factory.mktemp("pruned")
@@ -124,7 +125,8 @@ def _finetune(pruned, name: str, preset: str) -> tuple[dict, dict]:
     import json
 
     from bsq.checkpoint import load_checkpoint
-    from bsq.stages import default_outputs, finetune
+    from bsq.methods.bsq import finetune
+    from bsq.stages import default_outputs
 
     root, cfg, checkpoint = pruned
     outputs = default_outputs("finetune", root / name)
@@ -156,8 +158,8 @@ def test_finetune_stage_switches_fc_bias_and_clamp(pruned):
 def test_scratch_layer_bsq_zeroed_stays_zero_or_becomes_ternary_from_float(zeroed_layers):
     """Spec §8.1: the authors' `convert.py --dict` quantizes a layer BSQ zeroed at N = 1 from the float weights
     (levels round(W / max|W|) in {-1, 0, 1}); ours keeps it at 0 bits, so the model has the scheme's size."""
+    from bsq.methods.bsq.finetune import quantize_to_scheme_
     from bsq.quant.convert import export_scheme
-    from bsq.stages.finetune import quantize_to_scheme_
 
     torch.manual_seed(0)
     model = create_model("resnet8", act_bits=4)
@@ -220,7 +222,8 @@ def test_fracbits_best_epoch_all_can_keep_a_search_epoch(monkeypatch, best_epoch
     """fracbits.md §1.7 step 5: the authors keep the best test epoch of the whole run; ours only those after the
     hard assignment (here after 2 search epochs). Scripted test top-1: the search epoch 0 scores best."""
     from bsq import engine
-    from bsq.config import FracBitsConfig, OptimConfig
+    from bsq.config import OptimConfig
+    from bsq.methods.fracbits.config import FracBitsConfig
 
     scores = iter([90.0, 50.0, 60.0, 55.0])
     monkeypatch.setattr(engine, "evaluate", lambda *a, **k: {"loss": 0.0, "top1": next(scores), "top5": 100.0})
@@ -241,7 +244,8 @@ def test_fracbits_lr_step_iteration_runs_the_cosine_within_each_epoch(lr_step):
     import math
 
     from bsq import engine
-    from bsq.config import FracBitsConfig, OptimConfig
+    from bsq.config import OptimConfig
+    from bsq.methods.fracbits.config import FracBitsConfig
 
     x = torch.tensor([[1.0], [-1.0]])
     batches = _Batches([(x, torch.tensor([0, 1]))] * 3)
@@ -274,9 +278,9 @@ def test_fracbits_lr_step_iteration_runs_the_cosine_within_each_epoch(lr_step):
 def test_fracbits_project_none_leaves_lambda_past_its_range_but_uses_it_clamped(project):
     """fracbits.md §1.3: the authors clamp lambda to [b_min, b_max] only where it is used; ours also projects the
     parameter after each step. A lambda pushed to 9.5 in [1, 8] quantizes and costs as 8 bits either way."""
-    from bsq.config import FracBitsConfig
+    from bsq.methods.fracbits.config import FracBitsConfig
+    from bsq.methods.fracbits.train import projection
     from bsq.quant.frac import FracPolicy, frac_layers, frac_quantize_model
-    from bsq.stages.fracbits import projection
 
     model = frac_quantize_model(create_model("resnet8", act_bits=None), FracPolicy(w_bits=(1, 8)))
     name, layer = next((n, lay) for n, lay in frac_layers(model) if lay.searches_weight)
@@ -400,7 +404,7 @@ def _linear(slope: float):
     ],
 )
 def test_official_offset_search_is_the_authors_bisection(cost_at, target, trials, expected):
-    from bsq.fracbits import official_offset
+    from bsq.methods.fracbits.cost import official_offset
 
     assert official_offset(cost_at, target, 0.01, trials) == expected
 
@@ -409,7 +413,7 @@ def test_official_offset_search_is_the_authors_bisection(cost_at, target, trials
 def test_bisection_switch_under_budget_at_zero(bisection):
     """A rounded policy 20 % under its budget: the authors' search stays at offset 0 (their [-1, 0] cannot raise
     bits); ours brackets above 0 and lands within 1 %."""
-    from bsq.fracbits import CostModel, hard_assign
+    from bsq.methods.fracbits.cost import CostModel, hard_assign
     from bsq.quant.frac import FracPolicy, frac_layers, frac_quantize_model
 
     torch.manual_seed(0)

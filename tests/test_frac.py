@@ -11,7 +11,7 @@ from torch import nn
 
 from bsq import checkpoint as C
 from bsq.errors import BSQError
-from bsq.fracbits import CostModel, hard_assign, penalty, target_from_budget
+from bsq.methods.fracbits.cost import CostModel, hard_assign, penalty, target_from_budget
 from bsq.metrics import model_bitops_g, summary
 from bsq.models import create_model
 from bsq.quant.frac import (

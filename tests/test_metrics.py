@@ -1,11 +1,14 @@
 """Metrics: the spec's counting conventions and the FracBits cost anchors (fracbits.md §1.5)."""
 
+from __future__ import annotations
+
 import pytest
 import torch
 from torch import nn
 
 from bsq.metrics import bitops_g, layer_macs, layer_table, model_bitops_g, size_mb, summary
 from bsq.models import create_model
+from bsq.quant.accounting import QuantizedLayer, TensorCost, linear_macs, scheme_of
 from bsq.quant.convert import QuantPolicy, quantize_model
 
 
@@ -75,3 +78,39 @@ def test_bsq_model_bitops_trace_activation_bits():
     w = {n: (32 if "downsample" in n else 8) for n in macs}
     a = {n: 4 for n in macs} | {"conv1": 8, "layer1.0.conv1": 32, "fc": 32}
     assert model_bitops_g(model, (3, 32, 32)) == pytest.approx(bitops_g(macs, w, a), rel=1e-12)
+
+
+class _TwoBitLinear(nn.Linear):
+    """A quantized layer of no method the suite knows: 2-bit weights, its own 4-bit input, a float bias."""
+
+    def tensor_costs(self) -> list[TensorCost]:
+        return [TensorCost("", self.weight.numel(), 2, 2, True, a_bits=4)]
+
+    def weight_bits(self) -> float:
+        return 2.0
+
+    def input_bits(self) -> float | None:
+        return 4.0
+
+    def scheme_entries(self) -> dict[str, float]:
+        return {"": 2, ".act": 4}
+
+    def quantized_params(self) -> tuple[str, ...]:
+        return ("weight",)
+
+    def macs(self, output: torch.Tensor) -> int:
+        return linear_macs(self, output)
+
+
+def test_metrics_count_any_layer_that_implements_the_protocol():
+    """bsq.metrics knows no method's classes: a new quantized layer is counted through QuantizedLayer alone."""
+    model = nn.Sequential(nn.Flatten(), _TwoBitLinear(16, 10))
+    assert isinstance(model[1], QuantizedLayer)
+    got = summary(model)
+    assert (got["quantized_params"], got["total_bits"], got["avg_bits"], got["compression"]) == (160, 320, 2.0, 16.0)
+    assert got["full_size_mb"] == pytest.approx((320 + 32 * 10) / 8e6)  # the float bias at 32 bits
+    assert model_bitops_g(model, (1, 4, 4)) == pytest.approx(1e-9 * 160 * 2 * 4)
+    assert scheme_of(model) == {"1": 2, "1.act": 4}
+    assert layer_table(model)[["layer", "params", "bits", "a_bits"]].to_dict("records") == [
+        {"layer": "1", "params": 160, "bits": 2, "a_bits": 4}
+    ]

@@ -22,10 +22,12 @@ import torch
 from bsq import cli, engine
 from bsq.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from bsq.errors import BSQError, StageInterrupted
+from bsq.methods.bsq import finetune, prune, search
+from bsq.methods.bsq.search import DegenerateScheme
+from bsq.methods.fracbits import train as fracbits
 from bsq.models import create_model
 from bsq.runlock import LOCK_NAME, FolderBusy, FolderLock
-from bsq.stages import default_outputs, finetune, fracbits, pretrain, prune, search
-from bsq.stages.search import DegenerateScheme
+from bsq.stages import default_outputs, pretrain
 from bsq.tracking import Tracker
 from tests.helpers import mlflow_runs, tiny_config
 
@@ -49,7 +51,7 @@ def chain(tmp_path_factory):
     cfg = _untracked(root, epochs=1)
     out = {stage: default_outputs(stage, root / stage) for stage in ("pretrain", "search", "prune")}
     pretrain.run({**cfg, "model": {**cfg["model"], "act_bits": None}}, {}, out["pretrain"])
-    search.run({**cfg, "bsq": {"alpha": "1e-1"}}, {"checkpoint": out["pretrain"]["checkpoint"]}, out["search"])
+    search.run({**cfg, "bsq": {"alpha": 0.1}}, {"checkpoint": out["pretrain"]["checkpoint"]}, out["search"])
     prune.run(cfg, {"checkpoint": out["search"]["checkpoint"]}, out["prune"])
     return out
 
@@ -237,9 +239,9 @@ def test_a_checkpoint_with_nan_weights_is_refused(tmp_path, chain):
 
 
 def test_an_alpha_that_zeroes_every_layer_fails_with_advice(tmp_path, chain):
-    cfg = {**_untracked(tmp_path, epochs=2), "bsq": {"alpha": "1e30", "requant_interval": 1}}
+    cfg = {**_untracked(tmp_path, epochs=2), "bsq": {"alpha": 1e30, "requant_interval": 1}}
     cfg["optim"]["lr"] = 0.05
-    with pytest.raises(DegenerateScheme, match="every quantized layer is at 0 bits.*bsq.alpha=1e30.*smaller alpha"):
+    with pytest.raises(DegenerateScheme, match="every quantized layer is at 0 bits.*bsq.alpha=1e\\+30.*smaller alpha"):
         search.run(cfg, {"checkpoint": chain["pretrain"]["checkpoint"]}, default_outputs("search", tmp_path / "s"))
     assert not (tmp_path / "s" / "metrics.json").exists()
 
@@ -276,7 +278,7 @@ def test_outputs_are_readable_by_the_group_and_others(tmp_path, chain):
 
 
 def test_divergence_before_any_epoch_promises_no_resume_file(tmp_path, chain):
-    cfg = {**_untracked(tmp_path, lr=1e30), "bsq": {"alpha": "1e-1"}}
+    cfg = {**_untracked(tmp_path, lr=1e30), "bsq": {"alpha": 0.1}}
     with pytest.raises(engine.NonFiniteLoss) as err:
         search.run(cfg, {"checkpoint": chain["pretrain"]["checkpoint"]}, default_outputs("search", tmp_path / "s"))
     assert "No epoch completed, so there is nothing to resume from" in str(err.value)
@@ -301,7 +303,7 @@ def test_an_unreachable_tracking_server_fails_in_seconds_before_anything_runs(tm
 def test_two_fresh_dag_runs_give_identical_tables(tmp_path):
     """The workflow end to end, twice in fresh folders (a reduced default: one alpha, BSQ + uniform W2, short
     schedules): byte-identical tables. Before the seeded model initialisation every fresh DAG differed."""
-    from tests.test_workflow import _make_workdir, _snakemake
+    from tests.workflow_helpers import _make_workdir, _snakemake
 
     overlay = {
         "alphas": ["1"],

@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from bsq.config import SpeedConfig
 from bsq.engine import Speed, train_one_epoch
 from bsq.errors import BSQError
+from bsq.methods.bsq import search
 from bsq.models import create_model
 from bsq.quant.convert import bit_layers, clamp_bits_, quantize_model
 from bsq.quant.frac import FracPolicy, frac_layers, frac_quantize_model, mark_signed_inputs_
-from bsq.stages import default_outputs, pretrain, search
+from bsq.stages import default_outputs, pretrain
 
 BF16 = Speed(amp=torch.bfloat16)
 

@@ -12,11 +12,15 @@ import torch
 from bsq import engine
 from bsq.checkpoint import load_checkpoint, load_model
 from bsq.errors import BSQError
-from bsq.stages import default_outputs, evaluate, finetune, pretrain, prune, search
+from bsq.methods.bsq import finetune, prune, search
+from bsq.stages import default_outputs, evaluate, pretrain
+from tests.helpers import interrupt_after_first_epoch, tiny_config
 from tests.helpers import mlflow_runs as _runs
-from tests.helpers import tiny_config
 
-ALPHAS = ("1e-1", "5")
+# label -> bsq.alpha. "1e-1" is labelled through the config's `labels` (as the workflow spells it), "5" by the
+# search itself (the shortest spelling of 5.0).
+ALPHAS = {"1e-1": 0.1, "5": 5.0}
+LABELLED = ("1e-1",)
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +34,9 @@ def pipeline(tmp_path_factory):
         d = root / f"alpha-{alpha}"
         for stage in ("search", "prune", "finetune", "evaluate"):
             out[(stage, alpha)] = default_outputs(stage, d / stage)
+        labels = {"labels": {"alpha": alpha}} if alpha in LABELLED else {}
         search.run(
-            {**cfg, "bsq": {**cfg["bsq"], "alpha": alpha}},
+            {**cfg, "bsq": {**cfg["bsq"], "alpha": ALPHAS[alpha]}, **labels},
             {"checkpoint": out["pretrain"]["checkpoint"]},
             out[("search", alpha)],
         )
@@ -97,12 +102,12 @@ def test_finetune_keeps_the_scheme_and_float_form_is_exact(pipeline):
 def test_train_from_scratch_applies_the_scheme_exactly(pipeline, tmp_path):
     """The Table 1 baseline: float model + scheme -> same precisions, 0-bit layers included, and the run says so."""
     root, out = pipeline
-    scheme = json.loads(out[("prune", ALPHAS[0])]["scheme"].read_text())
+    scheme = json.loads(out[("prune", LABELLED[0])]["scheme"].read_text())
     scheme["layer1.0.conv1"] = 0  # a layer BSQ removed must stay removed, not come back at 1 bit
     scheme_path = tmp_path / "scheme.json"
     scheme_path.write_text(json.dumps(scheme))
     cfg = tiny_config(tmp_path)  # its own MLflow store: the module's store is counted by the lineage test
-    cfg = {**cfg, "optim": {"epochs": 1, "lr": 0.01}, "labels": {"variant": "scratch", "alpha": ALPHAS[0]}}
+    cfg = {**cfg, "optim": {"epochs": 1, "lr": 0.01}, "labels": {"variant": "scratch", "alpha": LABELLED[0]}}
     outputs = default_outputs("finetune", tmp_path / "scratch")
     metrics = finetune.run(cfg, {"checkpoint": out["pretrain"]["checkpoint"], "scheme": scheme_path}, outputs)
     from bsq.quant.convert import export_scheme
@@ -113,7 +118,7 @@ def test_train_from_scratch_applies_the_scheme_exactly(pipeline, tmp_path):
     params = {k: v for k, v in _layer_params(outputs).items()}
     expected = sum(params[k] * tuned[k] for k in params) / sum(params.values())
     assert metrics["avg_bits"] == pytest.approx(expected)
-    assert metrics["labels"]["variant"] == "scratch" and metrics["labels"]["alpha"] == ALPHAS[0]
+    assert metrics["labels"]["variant"] == "scratch" and metrics["labels"]["alpha"] == LABELLED[0]
 
 
 def _layer_params(outputs) -> dict[str, int]:
@@ -154,7 +159,7 @@ def test_mlflow_runs_and_lineage(pipeline):
         assert ft["tags.bsq.search_run_id"] == run_ids[("search", alpha)]
         assert ft["tags.mlflow.runName"] == f"finetune/alpha={alpha}/seed=3"
         assert ft["tags.bsq.alpha"] == alpha and ft["tags.bsq.stage"] == "finetune"
-        assert by_id.loc[run_ids[("search", alpha)], "params.bsq.alpha"] == alpha
+        assert by_id.loc[run_ids[("search", alpha)], "params.bsq.alpha"] == str(ALPHAS[alpha])
         assert len(by_id.loc[run_ids[("search", alpha)], "tags.bsq.config_hash"]) == 12
 
 
@@ -163,40 +168,27 @@ def test_search_logs_per_epoch_metrics_and_bits(pipeline):
 
     root, out = pipeline
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
-    run_id = json.loads(out[("search", ALPHAS[0])]["run"].read_text())["run_id"]
+    run_id = json.loads(out[("search", LABELLED[0])]["run"].read_text())["run_id"]
     for key in ("test_top1", "train_penalty", "bit_sparsity", "bits/conv1", "requant_top1_after"):
         history = client.get_metric_history(run_id, key)
         assert sorted(m.step for m in history) == [0, 1], key
 
-    hist = pd.read_csv(out[("search", ALPHAS[0])]["history"])
+    hist = pd.read_csv(out[("search", LABELLED[0])]["history"])
     assert list(hist["epoch"]) == [0, 1] and "bits/layer1.0.conv1" in hist.columns
     assert hist["lr"].tolist() == pytest.approx([0.05, 0.005])  # milestone at epoch 1
 
 
 def test_larger_alpha_gives_fewer_bits(pipeline):
     _, out = pipeline
-    bits = [json.loads(out[("prune", a)]["metrics"].read_text())["avg_bits"] for a in ALPHAS]
+    bits = [json.loads(out[("prune", a)]["metrics"].read_text())["avg_bits"] for a in ALPHAS]  # 0.1, then 5
     assert bits[1] < bits[0] <= 8
 
 
 # ---- resume ------------------------------------------------------------------------------------------------------
-def _interrupt_after_first_epoch(monkeypatch):
-    real = engine.train_one_epoch
-    calls = {"n": 0}
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "train_one_epoch", flaky)
-
-
 @pytest.mark.parametrize("stage", ["search", "finetune"])
 def test_interrupted_stage_resumes_to_the_same_result(tmp_path, monkeypatch, stage):
     cfg = tiny_config(tmp_path, epochs=3, milestones=[2])
-    cfg["bsq"] = {"alpha": "1e-2", "requant_interval": 2}
+    cfg["bsq"] = {"alpha": 1e-2, "requant_interval": 2}
     base = default_outputs("pretrain", tmp_path / "pretrain")
     pretrain.run({**cfg, "optim": {"epochs": 1, "lr": 0.05}}, {}, base)
     upstream = {"checkpoint": base["checkpoint"]}
@@ -213,7 +205,7 @@ def test_interrupted_stage_resumes_to_the_same_result(tmp_path, monkeypatch, sta
 
     resumed = default_outputs(stage, tmp_path / "resumed")
     with monkeypatch.context() as m:
-        _interrupt_after_first_epoch(m)
+        interrupt_after_first_epoch(m)
         with pytest.raises(KeyboardInterrupt):
             module.run(cfg, upstream, resumed)
     assert (tmp_path / "resumed" / f".{stage}.resume.pt").is_file()
@@ -318,7 +310,7 @@ def test_stage_refuses_a_checkpoint_of_the_wrong_form(tmp_path, float_checkpoint
 def test_nan_loss_stops_with_a_clear_error(tmp_path, float_checkpoint):
     cfg = tiny_config(tmp_path, lr=1e30)
     cfg["tracking"] = {"enabled": False}
-    cfg["bsq"] = {"alpha": "1e30"}
+    cfg["bsq"] = {"alpha": 1e30}
     with pytest.raises(engine.NonFiniteLoss, match="diverged"):
         search.run(cfg, {"checkpoint": float_checkpoint}, default_outputs("search", tmp_path / "s"))
 
@@ -329,7 +321,7 @@ def test_device_resident_data_trains_to_the_same_quantized_weights(pipeline, tmp
     states = []
     for on_device in (False, True):
         cfg = tiny_config(tmp_path)
-        cfg = {**cfg, "data": {**cfg["data"], "on_device": on_device}, "bsq": {"alpha": "1e-1", "requant_interval": 1}}
+        cfg = {**cfg, "data": {**cfg["data"], "on_device": on_device}, "bsq": {"alpha": 0.1, "requant_interval": 1}}
         cfg["tracking"] = {"enabled": False}
         outputs = default_outputs("search", tmp_path / f"resident-{on_device}")
         search.run(cfg, {"checkpoint": out["pretrain"]["checkpoint"]}, outputs)

@@ -1,4 +1,5 @@
-"""Model registry: `create_model(name, ...)`, `list_models()`, `model_info(name)`.
+"""Model registry: `create_model(name, ...)`, `list_models()`, `model_info(name)` (the names, families and input
+sizes live in the torch-free `bsq.model_catalog`; this module adds a builder to each).
 
 Every model is built in float form with BSQ's activation quantizers in place; `quantize_model` then swaps its
 conv/linear layers for bit-plane layers.
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from bsq.errors import BSQError
+from bsq.model_catalog import list_models, model_spec
 from bsq.models import cifar_resnet, imagenet
 
 __all__ = ["ModelInfo", "register_model", "create_model", "list_models", "model_info"]
@@ -25,26 +26,23 @@ class ModelInfo:
     builder: Callable[..., nn.Module]
 
 
-_REGISTRY: dict[str, ModelInfo] = {}
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 
 
-def register_model(name: str, family: str, input_size: tuple[int, int, int]):
+def register_model(name: str):
+    """Attach a builder to a model of the catalogue (bsq.model_catalog)."""
+    spec = model_spec(name)  # a name missing from the catalogue fails here, at import
+
     def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _REGISTRY[name] = ModelInfo(name, family, input_size, fn)
+        _BUILDERS[spec.name] = fn
         return fn
 
     return decorator
 
 
-def list_models() -> list[str]:
-    return sorted(_REGISTRY)
-
-
 def model_info(name: str) -> ModelInfo:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise BSQError(f"unknown model {name!r}; available models: {', '.join(list_models())}") from None
+    spec = model_spec(name)
+    return ModelInfo(spec.name, spec.family, spec.input_size, _BUILDERS[spec.name])
 
 
 def create_model(
@@ -62,24 +60,24 @@ def _cifar(depth: int):
 
 
 for _depth in (8, 20, 32, 56):
-    register_model(f"resnet{_depth}", "cifar", (3, 32, 32))(_cifar(_depth))
+    register_model(f"resnet{_depth}")(_cifar(_depth))
 
 
-@register_model("resnet18", "imagenet", (3, 224, 224))
+@register_model("resnet18")
 def _resnet18(num_classes: int, act_bits, stem_act_bits) -> nn.Module:
     return imagenet.resnet(18, num_classes, act_bits, stem_act_bits)
 
 
-@register_model("resnet50", "imagenet", (3, 224, 224))
+@register_model("resnet50")
 def _resnet50(num_classes: int, act_bits, stem_act_bits) -> nn.Module:
     return imagenet.resnet(50, num_classes, act_bits, stem_act_bits)
 
 
-@register_model("mobilenet_v2", "imagenet", (3, 224, 224))
+@register_model("mobilenet_v2")
 def _mobilenet_v2(num_classes: int, act_bits, stem_act_bits) -> nn.Module:
     return imagenet.mobilenet_v2(num_classes, act_bits, stem_act_bits)
 
 
-@register_model("inception_v3", "imagenet", (3, 299, 299))
+@register_model("inception_v3")
 def _inception_v3(num_classes: int, act_bits, stem_act_bits, aux_logits: bool = False) -> nn.Module:
     return imagenet.inception_v3(num_classes, act_bits, stem_act_bits, aux_logits)

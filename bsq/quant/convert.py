@@ -30,7 +30,7 @@ __all__ = [
     "MAX_BITS",
 ]
 
-MAX_BITS = 16  # float32 holds the integers of the binary expansion exactly far beyond this
+from bsq.quant.limits import MAX_BITS  # noqa: E402  (re-exported: the arithmetic's precision cap)
 
 
 @dataclass(frozen=True)

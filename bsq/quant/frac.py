@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bsq.errors import BSQError
+from bsq.quant.accounting import FLOAT_BITS, TensorCost, conv_macs, linear_macs, probe
 from bsq.quant.convert import float_layers, is_shortcut, set_submodule
 from bsq.quant.layers import conv_arguments
 
@@ -354,6 +355,27 @@ class FracLayer:
             x, self.act_alpha, self.abits, *self.a_range, self.is_hard, self.is_signed, self.variant, self.blend
         )
 
+    # ---- cost accounting (the QuantizedLayer protocol of bsq.quant.accounting) ----------------------------
+    def tensor_costs(self) -> list[TensorCost]:
+        """DoReFa counts 2^k levels, sign included (fracbits.md §1.11); a float bias counts 32 bits (FracBits'
+        size formula)."""
+        bits = self.weight_bits()
+        costs = [TensorCost("", self.weight.numel(), bits, bits, True, a_bits=self.input_bits())]
+        if self.bias is not None:
+            costs.append(TensorCost(".bias", self.bias.numel(), FLOAT_BITS, FLOAT_BITS, True))
+        return costs
+
+    def scheme_entries(self) -> dict[str, float]:
+        bits = self.weight_bits()
+        entries: dict[str, float] = {"": int(bits) if float(bits).is_integer() else round(bits, 4)}
+        a = self.input_bits()
+        if a is not None:
+            entries[".act"] = int(a)
+        return entries
+
+    def quantized_params(self) -> tuple[str, ...]:
+        return ("weight", "bias")
+
     def frac_repr(self) -> str:
         act = "float" if self.a_range is None else f"{list(self.a_range)}{' signed' if self.is_signed else ''}"
         mode = "hard" if self.is_hard else "frac"
@@ -371,6 +393,9 @@ class FracConv2d(FracLayer, nn.Conv2d):
     def _float_arguments(conv: nn.Conv2d) -> tuple:
         return conv_arguments(conv)
 
+    def macs(self, output: torch.Tensor) -> int:
+        return conv_macs(self, output)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
 
@@ -384,6 +409,9 @@ class FracLinear(FracLayer, nn.Linear):
     @staticmethod
     def _float_arguments(linear: nn.Linear) -> tuple:
         return (linear.in_features, linear.out_features, linear.bias is not None)
+
+    def macs(self, output: torch.Tensor) -> int:
+        return linear_macs(self, output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
@@ -437,14 +465,7 @@ def mark_signed_inputs_(model: nn.Module, input_size: tuple[int, ...]) -> dict[s
         m.register_forward_pre_hook(lambda mod, inp, name=n: seen.__setitem__(name, float(inp[0].min())))
         for n, m in layers.items()
     ]
-    was_training = model.training
-    model.eval()
-    try:
-        model(torch.randn(2, *input_size, device=next(model.parameters()).device))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    probe(model, torch.randn(2, *input_size, device=next(model.parameters()).device), hooks)
     for name, layer in layers.items():
         layer.signed_input.fill_(seen.get(name, 0.0) < 0)
         layer._sync_flags()
@@ -463,11 +484,6 @@ def clamp_frac_bits_(model: nn.Module) -> None:
 
 def frac_scheme(model: nn.Module) -> dict[str, float]:
     """{layer: weight bits (mean over kernels when kernel-wise), layer.act: input bits} at the current rounding."""
-    scheme: dict[str, float] = {}
-    for name, layer in frac_layers(model):
-        bits = layer.weight_bits()
-        scheme[name] = int(bits) if float(bits).is_integer() else round(bits, 4)
-        a = layer.input_bits()
-        if a is not None:
-            scheme[f"{name}.act"] = int(a)
-    return scheme
+    return {
+        f"{name}{suffix}": bits for name, layer in frac_layers(model) for suffix, bits in layer.scheme_entries().items()
+    }

@@ -17,12 +17,131 @@ import torch.nn.functional as F
 from torch import nn
 
 from bsq.quant import bits as B
+from bsq.quant.accounting import TensorCost, conv_macs, linear_macs
 from bsq.quant.ste import planes_to_weight_ste, quantize_levels_ste
 
 __all__ = ["BitLayer", "BitConv2d", "BitLinear", "is_bit_layer", "conv_arguments"]
 
 
-class BitLayer(nn.Module, abc.ABC):
+class _BitForms:
+    """Form conversions of a BitLayer: float weights in, float twin out, bits <-> latent (spec §5.1)."""
+
+    @torch.no_grad()
+    def load_float_(self, weight: torch.Tensor, bias: torch.Tensor | None, nbits: int, bias_nbits: int | None) -> None:
+        """Initialise the planes from float tensors at the given precisions (spec §1.3)."""
+        if self.form == "latent":
+            for what in self.quantized_tensors():
+                delattr(self, what)
+        self.form = "bits"
+        self._set_planes("weight", B.float_to_planes(weight, nbits))
+        if self.has_bias:
+            if bias is None:
+                raise ValueError("a float bias is required for a layer with a quantized bias")
+            self._set_planes("bias", B.float_to_planes(bias, nbits if bias_nbits is None else bias_nbits))
+
+    def _init_from_float(self, module: nn.Module, nbits: int, bias_nbits: int | None):
+        self.to(module.weight.device)
+        self.load_float_(module.weight, module.bias, nbits, bias_nbits)
+        return self
+
+    @torch.no_grad()
+    def to_float(self) -> nn.Module:
+        """Plain float layer holding exactly the quantized values (the official `to_float`, spec §5.3)."""
+        twin = self._empty_float_twin()
+        twin.weight.copy_(self.quantized("weight"))
+        if self.has_bias:
+            twin.bias.copy_(self.quantized("bias"))
+        return twin
+
+    @abc.abstractmethod
+    def _empty_float_twin(self) -> nn.Module:
+        """A fresh nn.Conv2d / nn.Linear with this layer's hyper-parameters."""
+
+    @torch.no_grad()
+    def set_precision_(self, nbits: int, what: str = "weight") -> None:
+        """Resize the (empty) planes to N before `load_state_dict` of a bit-form checkpoint (spec §1.1, P20)."""
+        shape = self.weight_shape if what == "weight" else self.weight_shape[:1]
+        device = getattr(self, self._names(what)[2]).device
+        self._set_planes(what, B.float_to_planes(torch.zeros(shape, device=device), nbits))
+
+    @torch.no_grad()
+    def to_latent_(self) -> None:
+        """Bits -> finetune form (spec §5.1): V = sum_b (p_b - n_b) e_b, s kept, N fixed; all-zero 1-bit -> N=0."""
+        if self.form == "latent":
+            return
+        for what in self.quantized_tensors():
+            p_name, n_name, _, n_attr = self._names(what)
+            zero = self.is_all_zero(what) and getattr(self, n_attr) == 1
+            latent = nn.Parameter(self._unit(what).detach().clone())
+            delattr(self, p_name)
+            delattr(self, n_name)
+            setattr(self, what, latent)
+            if zero:
+                setattr(self, n_attr, 0)
+        self.form = "latent"
+
+    @torch.no_grad()
+    def to_bits_(self) -> None:
+        """Finetune form -> bits (spec §5.3): I = round(|clip(V)| (2^N-1)) split by sign, s unchanged."""
+        if self.form == "bits":
+            return
+        for what in self.quantized_tensors():
+            _, _, s_name, n_attr = self._names(what)
+            nbits = max(getattr(self, n_attr), 1)
+            ints = self.integer_levels(what)
+            scale = getattr(self, s_name).detach()
+            delattr(self, what)
+            planes = B.Planes(
+                B.int_to_planes(ints.clamp(min=0), nbits),
+                B.int_to_planes((-ints).clamp(min=0), nbits),
+                scale,
+                nbits,
+            )
+            self._set_planes(what, planes)
+        self.form = "bits"
+
+
+class _BitCosts:
+    """What a BitLayer reports to cost accounting (the QuantizedLayer protocol of bsq.quant.accounting)."""
+
+    def tensor_costs(self) -> list[TensorCost]:
+        """BSQ counts magnitude bits (the sign is free), 0 for an all-zero tensor (spec P15)."""
+        costs = []
+        for what in self.quantized_tensors():
+            ones = B.ones_percent(*self.planes(what)[:2]) if self.form == "bits" else []
+            scale = float(getattr(self, self._names(what)[2]).detach())
+            suffix = "" if what == "weight" else ".bias"
+            bits = self.effective_bits(what)
+            costs.append(
+                TensorCost(
+                    suffix,
+                    self.num_params(what),
+                    self.precision(what),
+                    bits,
+                    self.counted,
+                    scale,
+                    [round(z, 2) for z in ones],
+                )
+            )
+        return costs
+
+    def weight_bits(self) -> float:
+        return self.effective_bits("weight")
+
+    def input_bits(self) -> float | None:
+        return None  # the ActQuant before the layer quantizes its input
+
+    def scheme_entries(self) -> dict[str, float]:
+        entries: dict[str, float] = {"": self.effective_bits("weight")}
+        if self.has_bias:
+            entries[".bias"] = self.effective_bits("bias")
+        return entries
+
+    def quantized_params(self) -> tuple[str, ...]:
+        return ("pweight", "nweight", "pbias", "nbias", "weight", "bias")
+
+
+class BitLayer(_BitForms, _BitCosts, nn.Module, abc.ABC):
     """Shared machinery; subclasses only say how to apply the weight (`_apply_weight`) and how to build a float twin."""
 
     def __init__(self, weight_shape: tuple[int, ...], bias: bool, nbits: int, bias_nbits: int | None) -> None:
@@ -161,81 +280,6 @@ class BitLayer(nn.Module, abc.ABC):
         for what in self.quantized_tensors():
             self._set_planes(what, B.prune(self.planes(what), threshold))
 
-    # ---- conversions ---------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def load_float_(self, weight: torch.Tensor, bias: torch.Tensor | None, nbits: int, bias_nbits: int | None) -> None:
-        """Initialise the planes from float tensors at the given precisions (spec §1.3)."""
-        if self.form == "latent":
-            for what in self.quantized_tensors():
-                delattr(self, what)
-        self.form = "bits"
-        self._set_planes("weight", B.float_to_planes(weight, nbits))
-        if self.has_bias:
-            if bias is None:
-                raise ValueError("a float bias is required for a layer with a quantized bias")
-            self._set_planes("bias", B.float_to_planes(bias, nbits if bias_nbits is None else bias_nbits))
-
-    def _init_from_float(self, module: nn.Module, nbits: int, bias_nbits: int | None):
-        self.to(module.weight.device)
-        self.load_float_(module.weight, module.bias, nbits, bias_nbits)
-        return self
-
-    @torch.no_grad()
-    def to_float(self) -> nn.Module:
-        """Plain float layer holding exactly the quantized values (the official `to_float`, spec §5.3)."""
-        twin = self._empty_float_twin()
-        twin.weight.copy_(self.quantized("weight"))
-        if self.has_bias:
-            twin.bias.copy_(self.quantized("bias"))
-        return twin
-
-    @abc.abstractmethod
-    def _empty_float_twin(self) -> nn.Module:
-        """A fresh nn.Conv2d / nn.Linear with this layer's hyper-parameters."""
-
-    @torch.no_grad()
-    def set_precision_(self, nbits: int, what: str = "weight") -> None:
-        """Resize the (empty) planes to N before `load_state_dict` of a bit-form checkpoint (spec §1.1, P20)."""
-        shape = self.weight_shape if what == "weight" else self.weight_shape[:1]
-        device = getattr(self, self._names(what)[2]).device
-        self._set_planes(what, B.float_to_planes(torch.zeros(shape, device=device), nbits))
-
-    @torch.no_grad()
-    def to_latent_(self) -> None:
-        """Bits -> finetune form (spec §5.1): V = sum_b (p_b - n_b) e_b, s kept, N fixed; all-zero 1-bit -> N=0."""
-        if self.form == "latent":
-            return
-        for what in self.quantized_tensors():
-            p_name, n_name, _, n_attr = self._names(what)
-            zero = self.is_all_zero(what) and getattr(self, n_attr) == 1
-            latent = nn.Parameter(self._unit(what).detach().clone())
-            delattr(self, p_name)
-            delattr(self, n_name)
-            setattr(self, what, latent)
-            if zero:
-                setattr(self, n_attr, 0)
-        self.form = "latent"
-
-    @torch.no_grad()
-    def to_bits_(self) -> None:
-        """Finetune form -> bits (spec §5.3): I = round(|clip(V)| (2^N-1)) split by sign, s unchanged."""
-        if self.form == "bits":
-            return
-        for what in self.quantized_tensors():
-            _, _, s_name, n_attr = self._names(what)
-            nbits = max(getattr(self, n_attr), 1)
-            ints = self.integer_levels(what)
-            scale = getattr(self, s_name).detach()
-            delattr(self, what)
-            planes = B.Planes(
-                B.int_to_planes(ints.clamp(min=0), nbits),
-                B.int_to_planes((-ints).clamp(min=0), nbits),
-                scale,
-                nbits,
-            )
-            self._set_planes(what, planes)
-        self.form = "bits"
-
     def extra_repr(self) -> str:
         bias = f", bias_nbits={self.bias_nbits}" if self.has_bias else ""
         flags = "" if self.counted else ", counted=False"
@@ -286,6 +330,9 @@ class BitConv2d(BitLayer):
     def _apply_weight(self, x, weight, bias):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
+    def macs(self, output: torch.Tensor) -> int:
+        return conv_macs(self, output)
+
     @classmethod
     def from_float(cls, conv: nn.Conv2d, nbits: int = 8, bias_nbits: int | None = None) -> BitConv2d:
         layer = cls(*conv_arguments(conv), nbits=nbits, bias_nbits=bias_nbits)
@@ -328,6 +375,9 @@ class BitLinear(BitLayer):
 
     def _apply_weight(self, x, weight, bias):
         return F.linear(x, weight, bias)
+
+    def macs(self, output: torch.Tensor) -> int:
+        return linear_macs(self, output)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, nbits: int = 8, bias_nbits: int | None = None) -> BitLinear:

@@ -9,8 +9,7 @@ from torch import nn
 from bsq.checkpoint import model_form
 from bsq.data import DatasetInfo
 from bsq.metrics import FLOAT_BITS, model_bitops_g, summary
-from bsq.quant.convert import export_scheme
-from bsq.quant.frac import frac_scheme
+from bsq.quant.accounting import scheme_of
 
 
 def input_size(info: DatasetInfo, image_size: int | None = None) -> tuple[int, int, int]:
@@ -32,8 +31,7 @@ def cost_metrics(model: nn.Module, info: DatasetInfo, image_size: int | None = N
             "full_size_mb": FLOAT_BITS * params / 8e6,
             "bitops_g": model_bitops_g(model, shape),
         }
-    out: dict[str, Any] = dict(summary(model))  # bits, latent and frac forms alike
+    out: dict[str, Any] = dict(summary(model))  # every quantized form alike
     out["bitops_g"] = model_bitops_g(model, shape)
-    scheme = frac_scheme(model) if form == "frac" else export_scheme(model)
-    out["zero_bit_layers"] = sum(1 for key, bits in scheme.items() if bits == 0 and not key.endswith(".act"))
+    out["zero_bit_layers"] = sum(1 for key, bits in scheme_of(model).items() if bits == 0 and not key.endswith(".act"))
     return out

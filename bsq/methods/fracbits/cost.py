@@ -25,12 +25,13 @@ import torch
 from torch import nn
 
 from bsq.errors import BSQError
+from bsq.methods.fracbits.config import COSTS, MATCHES, matched_cost
 from bsq.metrics import FLOAT_BITS, layer_macs
 from bsq.quant.frac import FracLayer, clamp_bits, frac_layers
 
-__all__ = ["COSTS", "CostModel", "HardAssignment", "hard_assign", "target_from_budget"]
+__all__ = ["CostModel", "HardAssignment", "hard_assign", "official_offset", "penalty", "target_from_budget"]
 
-COSTS = ("size", "bitops")
+BUDGET_KEYS = {"size": "size_mb", "bitops": "bitops_g"}  # a budget file's metric of each cost
 IMAGE_BITS = 8  # the first layer's input is the image, counted as 8-bit (the official convention)
 
 
@@ -253,18 +254,15 @@ def _freeze(
 def target_from_budget(budget: dict[str, Any], match: str, cost: CostModel) -> float:
     """The FracBits target equal to a measured budget (a BSQ run's metrics.json): its compression (the same
     average bits over this model's counted weights, hence the same compression column), size (MB) or BitOPs (G)."""
+    if match not in MATCHES:
+        raise BSQError(f"fracbits.match must be {', '.join(MATCHES[:-1])} or {MATCHES[-1]}, got {match!r}")
+    if cost.kind != matched_cost(match):
+        raise BSQError(f"fracbits.match: {match} needs fracbits.cost: {matched_cost(match)}")
     if match == "compression":
-        if cost.kind != "size":
-            raise BSQError("fracbits.match: compression needs fracbits.cost: size")
         compression = _budget_number(budget, "compression")
         counted = sum(e.params + e.bias for e in cost.entries if isinstance(e.module, FracLayer))
         return FLOAT_BITS / compression * counted / 8e6
-    key = {"size": "size_mb", "bitops": "bitops_g"}.get(match)
-    if key is None:
-        raise BSQError(f"fracbits.match must be compression, size or bitops, got {match!r}")
-    if cost.kind != match:
-        raise BSQError(f"fracbits.match: {match} needs fracbits.cost: {match}")
-    return _budget_number(budget, key)
+    return _budget_number(budget, BUDGET_KEYS[cost.kind])
 
 
 def _budget_number(budget: dict[str, Any], key: str) -> float:

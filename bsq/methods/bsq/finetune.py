@@ -17,8 +17,8 @@ from typing import Any
 
 from torch import nn
 
-from bsq.checkpoint import load_model
-from bsq.engine import Hooks, evaluate
+from bsq.checkpoint import Form, load_model
+from bsq.engine import FitResult, Hooks
 from bsq.errors import BSQError
 from bsq.quant.convert import (
     MAX_BITS,
@@ -31,8 +31,9 @@ from bsq.quant.convert import (
     to_float_model,
 )
 from bsq.quant.layers import BitLinear
-from bsq.stages.common import Session
+from bsq.stages.context import RunContext, open_context
 from bsq.stages.measure import cost_metrics
+from bsq.stages.skeleton import Training, TrainingPlan, run_training
 
 
 def _read_scheme(path) -> dict[str, int]:
@@ -57,7 +58,7 @@ PRUNED_STAGES = ("prune", "finetune")
 
 
 def _check_pruned(parent: dict[str, Any], path, allow_unpruned: bool) -> None:
-    if parent["form"] == "bits" and parent.get("stage") not in PRUNED_STAGES and not allow_unpruned:
+    if parent["form"] == Form.BITS and parent.get("stage") not in PRUNED_STAGES and not allow_unpruned:
         raise BSQError(
             f"{path} is the output of the {parent.get('stage')} stage, not of prune: finetuning it would skip the "
             "final re-quantization and train more bits than the scheme BSQ found. Run `bsq prune` on it first and "
@@ -97,18 +98,59 @@ def _set_fc_bias_dropped_(model: nn.Module, dropped: bool) -> None:
         )
 
 
-def _start_model(s: Session, parent: dict[str, Any], scheme: dict[str, int] | None) -> nn.Module:
+def _start_model(ctx: RunContext, parent: dict[str, Any], scheme: dict[str, int] | None) -> nn.Module:
     """The latent model finetuning starts from: the pruned bit model, or (train from scratch) the float parent
     quantized to the scheme."""
     if scheme is not None:
-        model = load_model(parent, s.activation_overrides(), s.inputs["checkpoint"])
-        quantize_to_scheme_(model, s.cfg.quant.policy(), scheme, s.cfg.finetune.zeroed_layers)
+        model = load_model(parent, ctx.activation_overrides(), ctx.inputs["checkpoint"])
+        quantize_to_scheme_(model, ctx.cfg.quant.policy(), scheme, ctx.cfg.finetune.zeroed_layers)
     else:
-        model = load_model(parent, path=s.inputs["checkpoint"])
+        model = load_model(parent, path=ctx.inputs["checkpoint"])
         for _, layer in bit_layers(model):
             layer.prune_(0.0)  # spec §5.1 step 3: strip all-zero MSB/LSB planes (no `quant` first)
     set_form_(model, "latent")
     return model
+
+
+def _read_inputs(ctx: RunContext, allow_unpruned: bool) -> tuple[dict[str, Any], dict[str, int] | None]:
+    """The parent checkpoint and, to train from scratch, the scheme: a pruned bit model, or a float one + scheme."""
+    parent = ctx.read_parent("checkpoint", forms=(Form.BITS, Form.FLOAT))
+    _check_pruned(parent, ctx.inputs["checkpoint"], allow_unpruned)
+    scheme = _read_scheme(ctx.inputs["scheme"]) if "scheme" in ctx.inputs else None
+    if parent["form"] == Form.FLOAT and scheme is None:
+        raise BSQError("finetune from a float checkpoint needs a scheme input (the train-from-scratch baseline)")
+    if parent["form"] == Form.BITS and scheme is not None:
+        raise BSQError("give a scheme only with a float checkpoint; a pruned bit checkpoint carries its own")
+    return parent, scheme
+
+
+def _final_metrics(job: Training, fit: FitResult) -> dict[str, Any]:
+    """The best epoch's accuracy (as the model evaluates with its fc bias) and its cost in bit form."""
+    model, cfg = job.model, job.ctx.cfg
+    metrics: dict[str, Any] = {}
+    final = job.evaluate()
+    if cfg.finetune.fc_bias == "drop":  # the checkpoint keeps the bias as it was: report what evaluating it computes
+        metrics["finetune_form_top1"] = final["top1"]  # what the authors' finetune prints (no fc bias)
+        _set_fc_bias_dropped_(model, False)
+        final = job.evaluate()
+    last = fit.history[-1] if fit.history else {}
+    metrics.update(
+        top1=final["top1"],
+        top5=final["top5"],
+        best_epoch=fit.best.get("epoch"),  # -1: the start state (finetune.best_includes_start)
+        final_top1=last.get("test_top1", final["top1"]),
+        selection="best test top-1 epoch (as the authors' scripts)",
+    )
+    set_form_(model, "bits")
+    metrics.update(cost_metrics(model, job.plan.loaders.info, cfg.data.image_size))
+    return metrics
+
+
+def _save_float_model(job: Training, metrics: dict[str, Any]) -> None:
+    """`float_checkpoint`: the finetuned model in float form, exactly the quantized values."""
+    float_model = to_float_model(copy.deepcopy(job.model))
+    epochs = job.ctx.cfg.optim.epochs
+    job.artifacts.save_model("float_checkpoint", float_model, metrics, epoch=epochs, scheme=export_scheme(job.model))
 
 
 def run(
@@ -117,62 +159,30 @@ def run(
     outputs: Mapping[str, Any],
     allow_unpruned: bool = False,
 ) -> dict:
-    s = Session("finetune", config, inputs, outputs, required_inputs=("checkpoint",), optional_inputs=("scheme",))
-    cfg = s.cfg
-    parent = s.read_parent("checkpoint", forms=("bits", "float"))
-    _check_pruned(parent, s.inputs["checkpoint"], allow_unpruned)
-    scheme = _read_scheme(s.inputs["scheme"]) if "scheme" in s.inputs else None
-    if parent["form"] == "float" and scheme is None:
-        raise BSQError("finetune from a float checkpoint needs a scheme input (the train-from-scratch baseline)")
-    if parent["form"] == "bits" and scheme is not None:
-        raise BSQError("give a scheme only with a float checkpoint; a pruned bit checkpoint carries its own")
-    if parent["form"] == "float":
-        s.model_args = {**parent["model"], **s.activation_overrides()}
-        s.policy = {
-            "quantize_first": cfg.quant.quantize_first,
-            "quantize_last": cfg.quant.quantize_last,
-            "quantize_shortcuts": cfg.quant.quantize_shortcuts,
-        }
+    ctx = open_context("finetune", config, inputs, outputs)
+    cfg = ctx.cfg
+    parent, scheme = _read_inputs(ctx, allow_unpruned)
+    if parent["form"] == Form.FLOAT:
+        model_args, policy = {**parent["model"], **ctx.activation_overrides()}, ctx.bit_policy()
     else:
-        s.model_args, s.policy = parent["model"], parent["policy"]
-    loaders = s.loaders()
-    model = _start_model(s, parent, scheme)  # built (and so validated) before the run opens
+        model_args, policy = parent["model"], parent["policy"]
+    loaders = ctx.loaders()
+    model = _start_model(ctx, parent, scheme)  # built (and so validated) before the run opens
     drop_bias = cfg.finetune.fc_bias == "drop"
     _set_fc_bias_dropped_(model, drop_bias)  # a float fc with fc_bias: drop fails here
-    with s.open_run(parent) as tracker:
-        if s.resume:
-            model = load_model(s.resume, path=s.resume_path)
-            _set_fc_bias_dropped_(model, drop_bias)
-        model.to(s.device)
-        if not s.resume:
-            start = evaluate(model, loaders.test, s.device, s.progress)
-            s.start_metrics["initial_top1"] = start["top1"]
-            tracker.log_metrics(s.start_metrics, step=0)
-        metrics: dict[str, Any] = dict(s.start_metrics)
+    plan = TrainingPlan(
+        parent=parent,
+        loaders=loaders,
+        model=model,
+        model_args=model_args,
+        policy=policy,
+        prepare=lambda job: _set_fc_bias_dropped_(job.model, drop_bias),  # again on a model from the resume file
+        start_metrics=lambda job, start: {"initial_top1": start["top1"]},
+        start_is_candidate=cfg.finetune.best_includes_start,  # the authors' epoch 0 is a candidate (spec §5.2)
         # finetune.clamp: the latent weights (ours) or every `weight` but not `bn` (the authors', spec §5.2)
-        hooks = Hooks(after_step=lambda m: clamp_finetune_(m, cfg.finetune.clamp))
-        trainer = s.trainer(model, loaders, tracker, hooks, keep_best=True)
-        if cfg.finetune.best_includes_start and not s.resume:
-            trainer.add_start_candidate(start)  # the authors' epoch 0 is a best-epoch candidate (spec §5.2)
-        result = trainer.fit()
-        if result.best_state is not None:
-            model.load_state_dict(result.best_state)
-        final = evaluate(model, loaders.test, s.device, s.progress)
-        if drop_bias:  # the checkpoint keeps the bias as it was: report what evaluating it computes
-            metrics["finetune_form_top1"] = final["top1"]  # what the authors' finetune prints (no fc bias)
-            _set_fc_bias_dropped_(model, False)
-            final = evaluate(model, loaders.test, s.device, s.progress)
-        last = result.history[-1] if result.history else {}
-        metrics.update(
-            top1=final["top1"],
-            top5=final["top5"],
-            best_epoch=result.best.get("epoch"),  # -1: the start state (finetune.best_includes_start)
-            final_top1=last.get("test_top1", final["top1"]),
-            selection="best test top-1 epoch (as the authors' scripts)",
-        )
-        set_form_(model, "bits")
-        metrics.update(cost_metrics(model, loaders.info, cfg.data.image_size))
-        s.save_model("checkpoint", model, metrics, epoch=cfg.optim.epochs)
-        float_model = to_float_model(copy.deepcopy(model))
-        s.save_model("float_checkpoint", float_model, metrics, epoch=cfg.optim.epochs, scheme=export_scheme(model))
-        return s.finish(metrics, result.history)
+        hooks=lambda job: Hooks(after_step=lambda m: clamp_finetune_(m, cfg.finetune.clamp)),
+        keep_best=True,
+        final_metrics=_final_metrics,
+        outputs=_save_float_model,
+    )
+    return run_training(ctx, plan)

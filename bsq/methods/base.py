@@ -1,0 +1,97 @@
+"""What a quantization method declares, in one place, for the library, the CLI and the workflow.
+
+Torch-free on purpose: the Snakefile reads the registry at parse time (which points to run, what each point's stage
+config is, which stages each run has), and parsing must not pay for `import torch`. A method's training code lives
+in the modules its `StageSpec.runner` names and is imported only when a job runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Flag", "Method", "Point", "StageSpec", "format_number"]
+
+
+def format_number(value: float) -> str:
+    """The shortest spelling of a setting for labels and paths: 1.0 -> "1", 0.005 -> "0.005", 5e-05 -> "5e-05"."""
+    return f"{float(value):g}"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One setting a method runs at (BSQ at one alpha, FracBits at one target, uniform QAT at one bit-width).
+
+    `slug` is its path component and wildcard value (`alpha-3`, `target-0.08`, `bits-4`); `settings` is the stage
+    config overlay that puts a job at this point; `labels` go to the run's MLflow tags and table rows; `budget_of`
+    is the BSQ point whose measured cost this point matches (FracBits at equal cost), else None."""
+
+    method: str
+    slug: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    budget_of: Point | None = None
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A stage's own command-line flag: it sets a config `key`, names an `input` file, or passes a keyword `arg`
+    to the stage's run function (`type` bool = a switch)."""
+
+    name: str
+    help: str
+    key: str | None = None
+    input: str | None = None
+    arg: str | None = None
+    type: type = str
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage job a method runs: its optimiser recipe (paper defaults), fewest epochs, declared outputs, and
+    the `module:function` that runs it (imported when the job starts)."""
+
+    name: str
+    runner: str
+    outputs: tuple[str, ...]
+    recipe: Mapping[str, Any] = field(default_factory=dict)
+    min_epochs: int = 1
+    inputs: tuple[str, ...] = ("checkpoint",)  # required input names
+    optional_inputs: tuple[str, ...] = ()
+    check: Callable[[Any], None] | None = None  # extra checks of a resolved StageConfig when it is read
+    help: str = ""  # one line for `bsq --help`
+    flags: tuple[Flag, ...] = ()
+
+    def run_function(self) -> Callable[..., dict]:
+        module, _, function = self.runner.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method as the suite sees it.
+
+    - `sections`: its stage-config sections and their dataclasses (`stages.<stage>.<section>` in the workflow);
+    - `stages`: the jobs of one run, in DAG order; `evaluated`: the job folder(s) whose model.pt the evaluate
+      stage measures (one table row each);
+    - `points(workflow_config)`: the settings the workflow runs it at;
+    - `check_workflow(workflow_config)`: the method's cross-key checks of the workflow config (raise BSQError);
+    - `workflow_keys`: dotted stage-config keys the workflow sets per point, with where their value comes from
+      (a config that sets one under `stages:` is refused)."""
+
+    name: str
+    summary: str
+    sections: Mapping[str, type]
+    stages: tuple[StageSpec, ...]
+    evaluated: tuple[str, ...]
+    points: Callable[[Mapping[str, Any]], list[Point]]
+    check_workflow: Callable[[Mapping[str, Any]], None] = lambda workflow: None
+    workflow_keys: Mapping[str, str] = field(default_factory=dict)
+
+    def stage(self, name: str) -> StageSpec:
+        for spec in self.stages:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"method {self.name} has no stage {name!r}; it has {[s.name for s in self.stages]}")
