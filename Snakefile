@@ -1,7 +1,9 @@
 # bsq-repro: pretrain -> BSQ search (per alpha x seed) -> prune -> finetune / train from scratch -> evaluate ->
-# aggregate, with FracBits (at each BSQ run's cost) and uniform QAT from the same float model. Rules live in workflow/rules/*.smk and call the `bsq` CLI; the algorithms live in the `bsq` library.
+# aggregate, with FracBits (at each BSQ run's cost) and uniform QAT from the same float model. Rules live in
+# workflow/rules/*.smk and call the `bsq` CLI; the algorithms live in the `bsq` library, the methods and the points
+# they run at in its registry (bsq.methods). Parsing the workflow does not import torch (jobs do).
 # Run: `snakemake --cores N` (config/config.yaml), add `--configfile config/experiments/<name>.yaml` for a paper
-# recipe, or `--profile workflow/profiles/slurm` on a cluster.
+# recipe, or `--profile workflow/profiles/slurm` on a cluster (machine settings: workflow/profiles/*).
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -16,7 +18,8 @@ check_yaml_file("config/config.yaml")  # Snakemake's own YAML error names neithe
 configfile: "config/config.yaml"
 
 
-include: "workflow/rules/common.smk"
+include: "workflow/rules/common.smk"  # the runs table, stage configs, paths and targets
+include: "workflow/rules/stage_job.smk"  # the template rule of every stage job
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/bsq.smk"
 include: "workflow/rules/baselines.smk"

@@ -4,10 +4,7 @@ plots hold exactly the runs' numbers."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,45 +13,14 @@ import pytest
 import yaml
 
 from tests.conftest import PROJECT_ROOT
+from tests.workflow_helpers import _job_counts, _make_workdir, _snakemake
 
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 EXPERIMENTS = sorted((PROJECT_ROOT / "config" / "experiments").glob("*.yaml"))
-
-
-def _snakemake(workdir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Snakemake on the project's Snakefile in `workdir`, with a bare environment plus `env`."""
-    bin_dir = str(Path(sys.executable).parent)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(workdir), "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
-    return subprocess.run(
-        [*SNAKEMAKE, "-s", str(PROJECT_ROOT / "Snakefile"), "-d", str(workdir), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=workdir,
-    )
-
-
-def _make_workdir(path: Path) -> Path:
-    (path / "config").mkdir(parents=True)
-    for name in ("config.yaml", "published_baselines.csv"):
-        shutil.copy(PROJECT_ROOT / "config" / name, path / "config" / name)
-    shutil.copytree(PROJECT_ROOT / "config" / "experiments", path / "config" / "experiments")
-    return path
 
 
 @pytest.fixture
 def workdir(tmp_path):
     return _make_workdir(tmp_path)
-
-
-def _job_counts(output: str) -> dict[str, int]:
-    """Rule -> job count from the job-stats table of a dry run."""
-    counts = {}
-    for line in output.splitlines():
-        match = re.fullmatch(r"([a-z_]+)\s+(\d+)", line.strip())
-        if match and match.group(1) != "total":
-            counts[match.group(1)] = int(match.group(2))
-    return counts
 
 
 def _expected_counts(config: dict) -> dict[str, int]:

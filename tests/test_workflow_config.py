@@ -3,6 +3,9 @@ and the fix, before any job, file or MLflow run exists; and the tracking-store c
 
 from __future__ import annotations
 
+import json
+import re
+import shlex
 import socket
 import threading
 import time
@@ -12,7 +15,7 @@ import pytest
 
 from bsq.errors import BSQError
 from bsq.tracking import check_tracking_uri
-from tests.test_workflow import _job_counts, _make_workdir, _snakemake
+from tests.workflow_helpers import _job_counts, _make_workdir, _snakemake
 
 
 @pytest.fixture
@@ -225,3 +228,68 @@ def test_the_model_card_rule_takes_only_registered_model_names(workdir):
     assert result.returncode != 0 and "No rule to produce" in result.stderr + result.stdout
     result = _snakemake(workdir, "results/models/resnet20/summary.json", "-n", "--quiet", "rules")
     assert result.returncode == 0 and _job_counts(result.stdout) == {"inspect_model": 1}
+
+
+# ---- the workflow's plumbing: a parse without torch, one runs table, the template rule ---------------------------
+def test_a_dry_run_does_not_import_torch(workdir):
+    """Parsing the workflow and planning the DAG import bsq.config, bsq.layout and bsq.methods, never torch (each
+    parse would pay seconds for it): checked on the interpreter's own import log."""
+    result = _snakemake(workdir, "-n", "--quiet", "rules", python=("-X", "importtime"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    imported = re.findall(r"^import time:.*\|\s+(\S+)$", result.stderr, flags=re.MULTILINE)
+    assert "bsq.methods" in imported and "snakemake.workflow" in imported  # the log covers the parse
+    assert not [name for name in imported if name == "torch" or name.startswith("torch.")]
+
+
+def _jobs(output: str) -> dict[str, tuple[str, dict, dict[str, str]]]:
+    """--out-dir -> (bsq subcommand, its --config-json, its other flags) for every stage job of `snakemake -n -p`."""
+    jobs = {}
+    for command in re.findall(r"^Shell command: (.*)$", output, flags=re.MULTILINE):
+        if "bsq.cli" not in command:
+            continue
+        words = shlex.split(command.split(" -m bsq.cli ", 1)[1].split(" > ", 1)[0])
+        args = dict(zip(words[1::2], words[2::2], strict=True))
+        config = json.loads(args.pop("--config-json", "null"))
+        jobs[args.pop("--out-dir")] = (words[0], config, args)
+    return jobs
+
+
+def test_each_job_runs_at_its_point(workdir):
+    """Stage configs come from the method registry's points: the search at its alpha (a number), FracBits with the
+    matched BSQ run's prune metrics as budget, uniform QAT at its bits; every job of a run carries its labels."""
+    result = _snakemake(workdir, "-n", "-p")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = _jobs(result.stdout + result.stderr)
+    runs = "results/default/digits/resnet8"
+    stage, search, _ = jobs[f"{runs}/bsq/alpha-0.3/seed-1/search"]
+    assert stage == "search" and search["bsq"]["alpha"] == 0.3 and search["labels"] == {"alpha": "0.3"}
+    stage, finetune, _ = jobs[f"{runs}/bsq/alpha-0.3/seed-1/finetune"]
+    assert "alpha" not in finetune["bsq"] and finetune["labels"] == {"alpha": "0.3"}  # the alpha is the search's
+    stage, scratch, args = jobs[f"{runs}/bsq/alpha-0.3/seed-1/scratch"]
+    assert stage == "finetune" and scratch["labels"] == {"alpha": "0.3", "variant": "scratch"}
+    assert args["--scheme"] == f"{runs}/bsq/alpha-0.3/seed-1/prune/scheme.json"
+    stage, fracbits, args = jobs[f"{runs}/fracbits/alpha-1/seed-1/finetune"]
+    assert stage == "fracbits" and fracbits["fracbits"]["match"] == "compression"
+    assert args == {
+        "--checkpoint": f"{runs}/pretrain/seed-1/model.pt",
+        "--budget": f"{runs}/bsq/alpha-1/seed-1/prune/metrics.json",
+    }
+    stage, uniform, _ = jobs[f"{runs}/uniform/bits-2/seed-1/finetune"]
+    assert stage == "uniform" and uniform["qat"]["bits"] == 2 and uniform["labels"] == {"bits": "2"}
+    stage, pretrain, args = jobs[f"{runs}/pretrain/seed-1"]
+    assert stage == "pretrain" and "labels" not in pretrain and args == {}
+
+
+def test_explicit_fracbits_targets_have_no_budget(workdir):
+    result = _snakemake(workdir, "-n", "-p", "--config", "methods=[fracbits]", "fracbits={match: null, targets: [0.5]}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = _jobs(result.stdout + result.stderr)
+    stage, fracbits, args = jobs["results/default/digits/resnet8/fracbits/target-0.5/seed-1/finetune"]
+    assert stage == "fracbits" and fracbits["fracbits"]["target"] == 0.5 and "--budget" not in args
+    assert {stage for stage, _, _ in jobs.values()} == {"pretrain", "fracbits", "evaluate", "inspect"}
+
+
+def test_the_template_rule_is_no_job(workdir):
+    result = _snakemake(workdir, "-n", "stage_job")
+    assert result.returncode != 0
+    assert "stage_job is the template of the stage jobs, not a job" in result.stderr + result.stdout

@@ -14,7 +14,7 @@ rule aggregate:
         search_curves=report(PLOTS["search_curves"], caption="../report/search_curves.rst", category="Plots"),
     params:
         evaluations=evaluations(),
-        alphas=ALPHAS,
+        alphas=list(search_histories()),
         schemes=list(scheme_files()),
         title=f"{NAME}: {config['dataset']} / {config['arch']}",
         tracking={

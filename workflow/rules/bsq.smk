@@ -1,111 +1,85 @@
-# BSQ search once per alpha x seed, from the float model converted to 8-bit planes (spec sections 2-3).
-rule bsq_search:
+# BSQ's chain, per alpha x seed: search from the float model converted to 8-bit planes (spec sections 2-3), prune
+# (the final re-quantization that fixes the scheme), finetune with the scheme fixed, and the paper's Table 1
+# train-from-scratch baseline. The job boilerplate is the template's (common.smk: rule stage_job).
+BSQ = f"{run_dir('bsq')}"  # results/.../bsq/{point}/seed-{seed}
+
+
+use rule stage_job as bsq_search with:
     message:
-        "BSQ search alpha={wildcards.alpha} seed={wildcards.seed}"
+        "BSQ search {wildcards.point} seed={wildcards.seed}"
     input:
         checkpoint=rules.pretrain.output.checkpoint,
     output:
-        **stage_outputs("search", f"{bsq_dir()}/search"),
+        **stage_outputs("search", f"{BSQ}/search"),
     params:
-        config=stage_args("search"),
-        out_dir=out_dir,
-        launch=launcher(),
+        **job_params("search"),
     log:
-        f"{LOGS}/bsq_search/alpha-{{alpha}}/seed-{{seed}}.log",
+        job_log("bsq_search", "{point}/seed-{seed}"),
     benchmark:
-        f"{BENCH}/bsq_search/alpha-{{alpha}}/seed-{{seed}}.tsv"
-    conda:
-        "../../environment.yml"
-    threads: config["threads"]
+        job_benchmark("bsq_search", "{point}/seed-{seed}")
     resources:
-        mem_mb=config["mem_mb"],
-        runtime=RUNTIME["search"],
-        gpu=config["gpus"],
-    shell:
-        "{params.launch} search --config-json {params.config} --checkpoint {input.checkpoint}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        **machine("search"),
+    wildcard_constraints:
+        point=slugs("bsq"),
 
 
-# Precision pruning: the final re-quantization that fixes the mixed-precision scheme (scheme.json).
-rule prune:
+# One pass over the test set: one process, at most one GPU (launch follows the `gpu` resource).
+use rule stage_job as prune with:
     message:
-        "Prune (final re-quantization) alpha={wildcards.alpha} seed={wildcards.seed}"
+        "Prune (final re-quantization) {wildcards.point} seed={wildcards.seed}"
     input:
         checkpoint=rules.bsq_search.output.checkpoint,
     output:
-        **stage_outputs("prune", f"{bsq_dir()}/prune"),
+        **stage_outputs("prune", f"{BSQ}/prune"),
     params:
-        config=stage_args("prune"),
-        out_dir=out_dir,
-        launch=f"{shlex.quote(sys.executable)} -m bsq.cli",  # one pass over the test set: one process, one GPU
+        **job_params("prune"),
     log:
-        f"{LOGS}/prune/alpha-{{alpha}}/seed-{{seed}}.log",
+        job_log("prune", "{point}/seed-{seed}"),
     benchmark:
-        f"{BENCH}/prune/alpha-{{alpha}}/seed-{{seed}}.tsv"
-    conda:
-        "../../environment.yml"
-    threads: EVAL_THREADS
+        job_benchmark("prune", "{point}/seed-{seed}")
+    threads: threads(one_pass=True)
     resources:
-        mem_mb=config["mem_mb"],
-        runtime=RUNTIME["evaluate"],
-        gpu=min(config["gpus"], 1),
-    shell:
-        "{params.launch} prune --config-json {params.config} --checkpoint {input.checkpoint}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        **machine("evaluate", one_pass=True),
+    wildcard_constraints:
+        point=slugs("bsq"),
 
 
-# Finetune with the scheme fixed (spec section 5); keeps the best epoch in bit and float form.
-rule finetune:
+# Keeps the best epoch in bit and float form (spec section 5).
+use rule stage_job as finetune with:
     message:
-        "Finetune alpha={wildcards.alpha} seed={wildcards.seed}"
+        "Finetune {wildcards.point} seed={wildcards.seed}"
     input:
         checkpoint=rules.prune.output.checkpoint,
     output:
-        **stage_outputs("finetune", f"{bsq_dir()}/finetune"),
+        **stage_outputs("finetune", f"{BSQ}/finetune"),
     params:
-        config=stage_args("finetune"),
-        out_dir=out_dir,
-        launch=launcher(),
+        **job_params("finetune"),
     log:
-        f"{LOGS}/finetune/alpha-{{alpha}}/seed-{{seed}}.log",
+        job_log("finetune", "{point}/seed-{seed}"),
     benchmark:
-        f"{BENCH}/finetune/alpha-{{alpha}}/seed-{{seed}}.tsv"
-    conda:
-        "../../environment.yml"
-    threads: config["threads"]
+        job_benchmark("finetune", "{point}/seed-{seed}")
     resources:
-        mem_mb=config["mem_mb"],
-        runtime=RUNTIME["finetune"],
-        gpu=config["gpus"],
-    shell:
-        "{params.launch} finetune --config-json {params.config} --checkpoint {input.checkpoint}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        **machine("finetune"),
+    wildcard_constraints:
+        point=slugs("bsq"),
 
 
 # The paper's Table 1 baseline: the same scheme applied to the float model directly, finetuned with the same recipe.
-rule train_from_scratch:
+use rule stage_job as train_from_scratch with:
     message:
-        "Train from scratch with the scheme of alpha={wildcards.alpha} seed={wildcards.seed}"
+        "Train from scratch with the scheme of {wildcards.point} seed={wildcards.seed}"
     input:
         checkpoint=rules.pretrain.output.checkpoint,
         scheme=rules.prune.output.scheme,
     output:
-        **stage_outputs("finetune", f"{bsq_dir()}/scratch"),
+        **stage_outputs("finetune", f"{BSQ}/scratch"),
     params:
-        config=stage_args("finetune", variant="scratch"),
-        out_dir=out_dir,
-        launch=launcher(),
+        **job_params("finetune", variant="scratch"),
     log:
-        f"{LOGS}/train_from_scratch/alpha-{{alpha}}/seed-{{seed}}.log",
+        job_log("train_from_scratch", "{point}/seed-{seed}"),
     benchmark:
-        f"{BENCH}/train_from_scratch/alpha-{{alpha}}/seed-{{seed}}.tsv"
-    conda:
-        "../../environment.yml"
-    threads: config["threads"]
+        job_benchmark("train_from_scratch", "{point}/seed-{seed}")
     resources:
-        mem_mb=config["mem_mb"],
-        runtime=RUNTIME["finetune"],
-        gpu=config["gpus"],
-    shell:
-        "{params.launch} finetune --config-json {params.config} --checkpoint {input.checkpoint}"
-        " --scheme {input.scheme} --out-dir {params.out_dir} > {log} 2>&1"
+        **machine("finetune"),
+    wildcard_constraints:
+        point=slugs("bsq"),

@@ -1,15 +1,19 @@
-# Validate the config first (config_checks.smk: one short error per mistake), then derive every path, stage config
-# and target from it (no path spelled twice).
+# Validate the config first (config_checks.smk: one short error per mistake), then build ONE table of runs (method x
+# point x seed, the points from the method registry, bsq.methods) and derive every path, stage config, wildcard
+# constraint and target from it. Torch-free: parsing the workflow imports bsq.config, bsq.layout and bsq.methods only.
 import json
 import os
 import re
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from snakemake.utils import validate
 
+from bsq.errors import BSQError
 from bsq.layout import FILE_NAMES, OUTPUTS
+from bsq.methods import Point, get_method, method_of_stage, points, registry
 
 SCHEMA = load_schema(CONFIG_SCHEMA)
 type_command_line_values(config, SCHEMA)  # `--config fracbits={match: null}` arrives as text
@@ -22,67 +26,72 @@ BASELINES = read_baselines(config["baselines"])
 config["seeds"] = [int(seed) for seed in config["seeds"]]  # `--config seeds=[1,2]` arrives as text
 config["uniform_bits"] = [int(bits) for bits in config["uniform_bits"]]
 METHODS = config["methods"]
-ALPHAS = config["alphas"] if "bsq" in METHODS else []
-FRACBITS = config["fracbits"]
 NAME = config["name"]
 RUNS = f"results/{NAME}/{config['dataset']}/{config['arch']}"
 LOGS = f"logs/{NAME}/{config['dataset']}/{config['arch']}"
 BENCH = f"benchmarks/logs/{NAME}/{config['dataset']}/{config['arch']}"
-VARIANTS = ["finetune", "scratch"] if config["train_from_scratch"] else ["finetune"]
-EVAL_THREADS = max(1, config["threads"] // 2)  # prune / evaluate: one pass over the test set
-RUNTIME = {"pretrain": 60, "search": 60, "finetune": 60, "evaluate": 15, "fracbits": 60, "uniform": 60}
-RUNTIME.update(config.get("runtime", {}))
 
 
-def method_points(method):
-    """The settings a method runs at, as path components: BSQ one per alpha; FracBits one per BSQ alpha (its
-    budget matched to that run) plus one per explicit target; uniform QAT one per bit-width."""
-    if method == "bsq":
-        return [f"alpha-{a}" for a in ALPHAS]
-    if method == "fracbits":
-        matched = [f"alpha-{a}" for a in ALPHAS] if FRACBITS["match"] else []
-        return matched + [f"target-{t}" for t in FRACBITS["targets"]]
-    return [f"bits-{b}" for b in config["uniform_bits"]]
+# ---- the runs table: every (method, point, seed) this config runs, built once -------------------------------------
+@dataclass(frozen=True)
+class Run:
+    method: str
+    point: Point  # slug (path component), settings (stage config overlay), labels, budget_of (matched BSQ point)
+    seed: int
+
+    @property
+    def dir(self):
+        return run_dir(self.method, self.point.slug, self.seed)
+
+    def variants(self):
+        """The folders of this run whose model.pt the evaluate stage measures (one table row each)."""
+        evaluated = get_method(self.method).evaluated
+        return [v for v in evaluated if v != "scratch" or config["train_from_scratch"]]
+
+
+def _points(method):
+    try:
+        return points(method, config)
+    except BSQError as exc:
+        raise ValueError(f"methods: {method}: {exc}") from None
+
+
+POINTS = {method: _points(method) for method in METHODS}  # method -> its points, in config order
+RUN_TABLE = [Run(method, point, seed) for method in METHODS for point in POINTS[method] for seed in config["seeds"]]
+
+
+def point_of(method, slug):
+    """The Point a job's {method}/{point} wildcards name (the wildcard constraints admit only the table's)."""
+    return next(p for p in POINTS[method] if p.slug == slug)
+
+
+def runs_of(method):
+    return [run for run in RUN_TABLE if run.method == method]
 
 
 def _alternatives(values):
-    return "|".join(map(re.escape, values)) or "(?!)"  # (?!) matches nothing: no such run in this config
+    return "|".join(map(re.escape, dict.fromkeys(values))) or "(?!)"  # (?!) matches nothing: no such run here
+
+
+def slugs(*methods):
+    """Wildcard constraint: the point slugs of these methods (all of this config's methods when none given)."""
+    return _alternatives(p.slug for m in methods or METHODS for p in POINTS.get(m, []))
 
 
 wildcard_constraints:
-    alpha=_alternatives(config["alphas"]),
     seed=r"\d+",
-    variant="finetune|scratch",
-    method="bsq|fracbits|uniform",
-    point=_alternatives(sorted({p for m in METHODS for p in method_points(m)})),
-    bits=r"\d+",
+    method=_alternatives(METHODS),
+    point=slugs(),
+    variant=_alternatives(v for m in METHODS for v in get_method(m).evaluated),
 
 
 # ---- input checks that need more than the schema: fail before any job, naming the key and the fix ----------------
-def matched_cost(match):
-    """The FracBits cost that `fracbits.match` compares: compression and size match a size target."""
-    return "bitops" if match == "bitops" else "size"
-
-
 def check_inputs():
-    alphas = [float(a) for a in config["alphas"]]
-    if min(alphas) <= 0:
-        raise ValueError(f"alphas must all be > 0, got {config['alphas']}; alpha = 0 is no BSQ (use uniform QAT)")
-    if "fracbits" in METHODS and not method_points("fracbits"):
-        raise ValueError(
-            "methods has fracbits but nothing sets its targets: keep bsq in methods with fracbits.match (one FracBits "
-            "run per alpha at that run's cost), or give fracbits.targets"
-        )
-    stages = config.get("stages", {})
-    cost = _merge(stages.get("common", {}), stages.get("fracbits", {})).get("fracbits", {}).get("cost")
-    needed = matched_cost(FRACBITS["match"])
-    if "fracbits" in METHODS and FRACBITS["match"] and cost not in (None, needed):
-        raise ValueError(
-            f"fracbits.match: {FRACBITS['match']} needs stages.fracbits.fracbits.cost: {needed}, got {cost} (from "
-            "stages.fracbits or stages.common); change one of them"
-        )
-    if "uniform" in METHODS and not config["uniform_bits"]:
-        raise ValueError("methods has uniform but uniform_bits is empty; give the bit-widths, e.g. [2, 3, 4, 8]")
+    for method in METHODS:
+        try:
+            get_method(method).check_workflow(config)  # the method's own cross-key checks
+        except BSQError as exc:
+            raise ValueError(str(exc)) from None
     root = config["data_root"]
     if config["dataset"] != "digits" and root is None:
         raise ValueError(f"data_root is required for dataset {config['dataset']}: --config data_root=/path/to/data")
@@ -102,25 +111,31 @@ def check_inputs():
 
 
 def check_stage_configs():
-    """Every stage config the DAG will run, with its real per-job values (each alpha, FracBits point and bit-width),
-    through bsq.config: the checks a job would make when it starts, epoch minimums included."""
+    """Every stage config the DAG will run, with its real per-job values (each point of each method), through
+    bsq.config: the checks a job would make when it starts, epoch minimums included. One seed: seeds change no
+    check."""
     seed = config["seeds"][0]
-    stage_config("pretrain", seed=seed, validate_only=True)
-    stage_config("evaluate", seed=seed, validate_only=True)
-    for alpha in ALPHAS:
-        for stage in ("search", "prune", "finetune"):
-            stage_config(stage, alpha=alpha, seed=seed, validate_only=True)
-        if config["train_from_scratch"]:
-            stage_config("finetune", alpha=alpha, seed=seed, variant="scratch", validate_only=True)
-    for point in method_points("fracbits") if "fracbits" in METHODS else []:
-        stage_config("fracbits", seed=seed, point=point, validate_only=True)
-    for bits in config["uniform_bits"] if "uniform" in METHODS else []:
-        stage_config("uniform", seed=seed, point=f"bits-{bits}", validate_only=True)
+    validate_stage_config("pretrain", stage_config("pretrain", seed))
+    validate_stage_config("evaluate", stage_config("evaluate", seed))
+    for run in (run for run in RUN_TABLE if run.seed == seed):
+        for spec in get_method(run.method).stages:
+            validate_stage_config(spec.name, stage_config(spec.name, seed, run.point))
+        if "scratch" in run.variants():
+            validate_stage_config("finetune", stage_config("finetune", seed, run.point, variant="scratch"))
+
+
+def validate_stage_config(stage, cfg):
+    from bsq.config import load_stage_config
+
+    imports = config["pretrained"] is not None if stage == "pretrain" else None
+    try:
+        load_stage_config(stage, cfg, imports_checkpoint=imports)
+    except BSQError as exc:
+        raise ValueError(f"config stages.{stage}: {exc}") from None
 
 
 def check_tracking():
     """An MLflow store that cannot work fails here, not after minutes of retries in every job."""
-    from bsq.errors import BSQError
     from bsq.tracking import check_tracking_uri, default_tracking_uri
 
     if not config["mlflow"]:
@@ -134,7 +149,7 @@ def check_tracking():
         raise ValueError(f"{source}: {exc}") from None
 
 
-# ---- stage configs: the recipe overrides of config.stages on top of the library's paper defaults --------------
+# ---- stage configs: top-level settings, then stages.common, stages.<stage>, then the point's settings ------------
 def _merge(base, extra):
     out = dict(base)
     for key, value in (extra or {}).items():
@@ -142,8 +157,9 @@ def _merge(base, extra):
     return out
 
 
-def stage_config(stage, alpha=None, seed=1, variant=None, point=None, validate_only=False):
-    """The resolved bsq stage config of one job (JSON-ready); checked by bsq.config at parse time."""
+def stage_config(stage, seed, point=None, variant=None):
+    """The bsq stage config of one job (JSON-ready): the point's settings (bsq.methods) put the run's first stage at
+    its alpha, target or bit-width, and its labels name every job of the run in MLflow and the tables."""
     stages = config.get("stages", {})
     base = {
         "stage": stage,
@@ -158,61 +174,108 @@ def stage_config(stage, alpha=None, seed=1, variant=None, point=None, validate_o
             "tags": {"bsq.experiment": NAME, "snakemake.rule": stage},
         },
     }
-    # Top-level settings first, then `common`, then the stage's own section (e.g. a float-activation pretrain).
-    cfg = _merge(_merge(base, stages.get("common", {})), stages.get(stage, {}))  # prune has no recipe of its own
-    if stage == "search":
-        cfg = _merge(cfg, {"bsq": {"alpha": alpha}})
-    if stage == "fracbits" and point.startswith("alpha-"):  # the target comes from the BSQ run's metrics
-        match = FRACBITS["match"]
-        cfg = _merge(cfg, {"fracbits": {"match": match}})
-        cfg["fracbits"].setdefault("cost", matched_cost(match))
-    elif stage == "fracbits":
-        cfg = _merge(cfg, {"fracbits": {"target": float(point.removeprefix("target-"))}})
-    if stage == "uniform":
-        cfg = _merge(cfg, {"qat": {"bits": int(point.removeprefix("bits-"))}})
-    if variant == "scratch" and stage == "finetune":  # its evaluation inherits the labels from the checkpoint
-        cfg["labels"] = {"variant": "scratch", "alpha": alpha}
-    if validate_only:
-        from bsq.config import load_stage_config
-        from bsq.errors import BSQError
-
-        imports = config["pretrained"] is not None if stage == "pretrain" else None
-        try:
-            load_stage_config(stage, cfg, imports_checkpoint=imports)
-        except BSQError as exc:
-            raise ValueError(f"config stages.{stage}: {exc}") from None
+    # Top-level settings first, then `common`, then the stage's own section (prune has none), then the point.
+    cfg = _merge(_merge(base, stages.get("common", {})), stages.get(stage, {}))
+    labels = {}
+    if point is not None:
+        if stage == get_method(point.method).stages[0].name:  # the job that starts the run; later ones read its
+            cfg = _merge(cfg, point.settings)  # checkpoint (BSQ: prune and finetune keep the search's alpha)
+        labels.update(point.labels)
+    if variant == "scratch":  # the float parent knows no alpha: the labels carry the run's
+        labels["variant"] = "scratch"
+    if labels:
+        cfg["labels"] = labels
     return cfg
 
 
-def stage_args(stage, variant=None):
-    """Params function: the job's stage config as one shell-quoted JSON argument."""
+def job_params(stage, variant=None):
+    """Params of a stage job: its `bsq` subcommand, its stage config as one shell-quoted JSON argument (at the point
+    its wildcards name: {method} where the rule has it, else the method owning the stage), its inputs as CLI flags,
+    its output folder and its launcher (stage None: the template's, which refuse to run)."""
 
-    def args(wildcards):
-        alpha, seed, point = wildcards.get("alpha"), wildcards.get("seed", 1), wildcards.get("point")
-        if stage == "uniform":
-            point = f"bits-{wildcards.bits}"
-        cfg = stage_config(stage, alpha, seed, variant or wildcards.get("variant"), point)
+    def config_json(wildcards):
+        point = None
+        if "point" in wildcards.keys():
+            point = point_of(wildcards.get("method") or method_of_stage(stage).name, wildcards.point)
+        cfg = stage_config(stage, wildcards.get("seed", 1), point, variant or wildcards.get("variant"))
         return shlex.quote(json.dumps(cfg, sort_keys=True))
 
-    return args
+    if stage is None:
+        stage = config_json = template_only
+    return {"stage": stage, "config": config_json, "inputs": input_flags, "out_dir": out_dir, "launch": launch}
 
 
-def launcher():
-    """`python -m bsq.cli`, or torchrun with one process per GPU when config.gpus > 1 (DDP)."""
-    python = shlex.quote(sys.executable)  # the workflow's own interpreter: no PATH surprises
-    if config["gpus"] > 1:
-        return f"{python} -m torch.distributed.run --standalone --nproc_per_node={config['gpus']} -m bsq.cli"
+# The command of every stage job (the template's, and the one-stage methods' rules).
+STAGE_SHELL = (
+    "{params.launch} {params.stage} --config-json {params.config} {params.inputs} --out-dir {params.out_dir}"
+    " > {log} 2>&1"
+)
+
+
+def one_stage_methods():
+    """Registered methods whose whole run is one stage from the float model, evaluated in its `finetune/` folder
+    (FracBits, uniform QAT): the workflow gives each a rule of its own (baselines.smk), no rule file needed."""
+    return [
+        name
+        for name, method in registry().items()
+        if len(method.stages) == 1 and tuple(method.stages[0].inputs) == ("checkpoint",)
+        and tuple(method.evaluated) == ("finetune",)
+    ]
+
+
+# ---- how a job starts, and what it may use ----------------------------------------------------------------------
+def launcher(processes):
+    """`python -m bsq.cli` (the workflow's own interpreter: no PATH surprises), or torchrun with one process per GPU
+    when the job holds more than one (DDP)."""
+    python = shlex.quote(sys.executable)
+    if processes > 1:
+        return f"{python} -m torch.distributed.run --standalone --nproc_per_node={processes} -m bsq.cli"
     return f"{python} -m bsq.cli"
 
 
-def pretrained_input(wildcards):
-    return {"pretrained": config["pretrained"]} if config["pretrained"] else {}
+def launch(wildcards, resources):
+    """Params function: the launcher for the GPUs this job holds (its `gpu` resource: `gpus` of the config for a
+    training job, at most one for a pass over the test set), so torchrun and the scheduler always agree."""
+    return launcher(int(resources.get("gpu", 0)))
 
 
-def import_flag(wildcards, input):
-    """Params function: import the configured float checkpoint instead of training, when there is one."""
-    path = getattr(input, "pretrained", None)
-    return f"--import-checkpoint {shlex.quote(str(path))}" if path else ""
+def machine(stage=None, one_pass=False):
+    """A job's resources: `gpu` from the config's `gpus` (a training job) or at most one (prune and evaluate: one
+    pass over the test set). Memory and run time are the profile's (default-resources, set-resources); the
+    deprecated config keys `mem_mb` and `runtime` (minutes per stage) still set them where given."""
+    gpus = config["gpus"]
+    out = {"gpu": min(gpus, 1) if one_pass else gpus}
+    if config.get("mem_mb") is not None:
+        out["mem_mb"] = config["mem_mb"]
+    minutes = (config.get("runtime") or {}).get(stage)
+    if minutes is not None:
+        out["runtime"] = minutes
+    return out
+
+
+def threads(one_pass=False):
+    """Threads of a job: 1 (the embedded default runs tiny jobs side by side), or the deprecated config key
+    `threads` (half for prune / evaluate); a profile's set-threads overrides both."""
+    given = config.get("threads")
+    if given is None:
+        return 1
+    return max(1, given // 2) if one_pass else given
+
+
+def template_only(wildcards):
+    raise ValueError("stage_job is the template of the stage jobs, not a job; ask for an output file or another rule")
+
+
+def input_flags(wildcards, input):
+    """Params function: each named input as the CLI flag of that name (checkpoint -> --checkpoint, scheme -> --scheme,
+    budget -> --budget, import_checkpoint -> --import-checkpoint), in the rule's order."""
+    flags = [f"--{name.replace('_', '-')} {shlex.quote(str(path))}" for name, path in input.items()]
+    return " ".join(flags)
+
+
+def out_dir(wildcards, output):
+    """Params function: the folder of a job's outputs (the CLI's --out-dir)."""
+    return str(Path(output[0]).parent)
 
 
 # ---- paths -------------------------------------------------------------------------------------------------------
@@ -221,12 +284,8 @@ def pretrain_dir(seed="{seed}"):
 
 
 def run_dir(method="{method}", point="{point}", seed="{seed}"):
-    """One run of a method at one setting: results/<name>/<dataset>/<arch>/<method>/<point>/seed-<seed>."""
+    """One run of a method at one point: results/<name>/<dataset>/<arch>/<method>/<point>/seed-<seed>."""
     return f"{RUNS}/{method}/{point}/seed-{seed}"
-
-
-def bsq_dir(alpha="{alpha}", seed="{seed}"):
-    return run_dir("bsq", f"alpha-{alpha}", seed)
 
 
 def stage_outputs(stage, directory):
@@ -234,9 +293,21 @@ def stage_outputs(stage, directory):
     return {name: f"{directory}/{FILE_NAMES[name]}" for name in OUTPUTS[stage]}
 
 
-def out_dir(wildcards, output):
-    """Params function: the folder of a job's outputs (the CLI's --out-dir)."""
-    return str(Path(output[0]).parent)
+def job_log(rule, pattern):
+    return f"{LOGS}/{rule}/{pattern}.log"
+
+
+def job_benchmark(rule, pattern):
+    return f"{BENCH}/{rule}/{pattern}.tsv"
+
+
+def pretrained_input(wildcards):
+    """The configured float checkpoint to import instead of training (the CLI's --import-checkpoint), if any."""
+    return {"import_checkpoint": config["pretrained"]} if config["pretrained"] else {}
+
+
+def float_checkpoint(wildcards):
+    return f"{pretrain_dir(wildcards.seed)}/{FILE_NAMES['checkpoint']}"
 
 
 def initial_bits():
@@ -250,17 +321,19 @@ def evaluated_checkpoint(wildcards):
     return f"{run_dir(wildcards.method, wildcards.point, wildcards.seed)}/{wildcards.variant}/{FILE_NAMES['checkpoint']}"
 
 
-def fracbits_inputs(wildcards):
-    """Float model, plus the budget (the BSQ run's prune metrics) when the point matches a BSQ alpha."""
-    inputs = {"checkpoint": f"{pretrain_dir(wildcards.seed)}/{FILE_NAMES['checkpoint']}"}
-    if wildcards.point.startswith("alpha-"):
-        inputs["budget"] = f"{bsq_dir(wildcards.point.removeprefix('alpha-'), wildcards.seed)}/prune/metrics.json"
+def budgeted_inputs(method):
+    """Input function: the float model, plus the budget (the matched BSQ run's prune metrics) when the point sits at
+    a BSQ run's cost (Point.budget_of)."""
+
+    def inputs(wildcards):
+        files = {"checkpoint": float_checkpoint(wildcards)}
+        matched = point_of(method, wildcards.point).budget_of
+        if matched is not None:
+            metrics = f"{run_dir(matched.method, matched.slug, wildcards.seed)}/prune/{FILE_NAMES['metrics']}"
+            files["budget"] = metrics
+        return files
+
     return inputs
-
-
-def budget_flag(wildcards, input):
-    """Params function: --budget PATH when the FracBits job matches a BSQ run."""
-    return f"--budget {shlex.quote(str(input.budget))}" if hasattr(input, "budget") else ""
 
 
 # ---- targets -----------------------------------------------------------------------------------------------------
@@ -284,33 +357,35 @@ def evaluations():
         {"eval": f"{pretrain_dir(seed)}/eval/metrics.json", "train": f"{pretrain_dir(seed)}/metrics.json"}
         for seed in config["seeds"]
     ]
-    for method in METHODS:
-        for point in method_points(method):
-            for seed in config["seeds"]:
-                for variant in VARIANTS if method == "bsq" else ["finetune"]:
-                    run = run_dir(method, point, seed)
-                    row = {"eval": f"{run}/eval-{variant}/metrics.json", "train": f"{run}/{variant}/metrics.json"}
-                    if method == "bsq" and variant == "finetune":
-                        row["prune"] = f"{run}/prune/metrics.json"
-                    rows.append(row)
+    for run in RUN_TABLE:
+        for variant in run.variants():
+            row = {"eval": f"{run.dir}/eval-{variant}/metrics.json", "train": f"{run.dir}/{variant}/metrics.json"}
+            if run.method == "bsq" and variant == "finetune":
+                row["prune"] = f"{run.dir}/prune/metrics.json"
+            rows.append(row)
     return rows
 
 
 def scheme_files():
     """Per-layer bits of the first seed for the layer plot: BSQ per alpha, FracBits per point."""
     first = config["seeds"][0]  # curves and per-layer bars show the first seed, as the paper's figures
-    files = {}
-    for method in ("bsq", "fracbits"):
-        for point in method_points(method) if method in METHODS else []:
-            stage = "prune" if method == "bsq" else "finetune"
-            files[f"{method}/{point}"] = f"{run_dir(method, point, first)}/{stage}/scheme.json"
-    return files
+    stage = {"bsq": "prune", "fracbits": "finetune"}
+    return {
+        f"{run.method}/{run.point.slug}": f"{run.dir}/{stage[run.method]}/scheme.json"
+        for run in RUN_TABLE
+        if run.seed == first and run.method in stage
+    }
+
+
+def search_histories():
+    """alpha label -> the first seed's BSQ search history (the search-curve plot)."""
+    first = config["seeds"][0]
+    return {run.point.labels["alpha"]: f"{run.dir}/search/history.csv" for run in runs_of("bsq") if run.seed == first}
 
 
 def aggregate_inputs(wildcards):
-    first = config["seeds"][0]
     files = {f"{kind}_{i}": path for i, row in enumerate(evaluations()) for kind, path in row.items()}
-    files.update({f"history_{a}": f"{bsq_dir(a, first)}/search/history.csv" for a in ALPHAS})
+    files.update({f"history_{alpha}": path for alpha, path in search_histories().items()})
     files.update({f"scheme_{i}": path for i, path in enumerate(scheme_files().values())})
     files["baselines"] = config["baselines"]
     return files

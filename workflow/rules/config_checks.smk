@@ -193,26 +193,33 @@ def check_distinct(config):
 
 
 # ---- stage settings the workflow sets itself: a user's value would be overwritten or contradict the top level ----
-WORKFLOW_SET = {
-    ("bsq", "alpha"): "the search's alpha comes from `alphas` (one search per value)",
-    ("fracbits", "target"): "FracBits targets come from `fracbits.targets` and, matched to BSQ, `fracbits.match`",
-    ("fracbits", "match"): "the matched cost comes from the top-level `fracbits.match`",
-    ("qat", "bits"): "uniform QAT's bits come from `uniform_bits` (one run per value)",
-    ("model", "arch"): "the model comes from the top-level `arch`",
-    ("model", "width"): "the width comes from the top-level `width`",
-    ("data", "name"): "the dataset comes from the top-level `dataset`",
-    ("data", "root"): "the data folder comes from the top-level `data_root`",
-    ("data", "download"): "downloading is the top-level `download`",
+WORKFLOW_SET = {  # the workflow's own; each method declares the keys its points set (Method.workflow_keys)
+    "model.arch": "the model comes from the top-level `arch`",
+    "model.width": "the width comes from the top-level `width`",
+    "data.name": "the dataset comes from the top-level `dataset`",
+    "data.root": "the data folder comes from the top-level `data_root`",
+    "data.download": "downloading is the top-level `download`",
 }
+
+
+def workflow_set_keys():
+    """Dotted stage-config key -> where the workflow takes its value from: the methods' keys, then the workflow's."""
+    from bsq.methods import registry
+
+    keys = {}
+    for method in registry().values():
+        keys.update(method.workflow_keys)
+    return {**keys, **WORKFLOW_SET}
 
 
 def check_workflow_set_keys(config):
     """Refuse stage settings the workflow overwrites per job (or that would make paths and labels lie)."""
     for stage, section in (config.get("stages") or {}).items():
-        for (group, key), source in WORKFLOW_SET.items():
+        for dotted, source in workflow_set_keys().items():
+            group, key = dotted.split(".", 1)
             values = (section or {}).get(group) or {}
             if isinstance(values, dict) and key in values:
-                path = f"stages.{stage}.{group}.{key}"
+                path = f"stages.{stage}.{dotted}"
                 value = values[key]
                 raise ValueError(f"{path} ({value!r}) is set by the workflow for each job: {source}. Remove {path}")
 

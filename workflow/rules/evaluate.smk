@@ -1,5 +1,6 @@
-# Test-set accuracy and costs (avg bits, compression, size, BitOPs) of every method's final model, measured alike.
-rule evaluate:
+# Test-set accuracy and costs (avg bits, compression, size, BitOPs) of every method's final model, measured alike:
+# one pass over the test set, so one process and at most one GPU.
+use rule stage_job as evaluate with:
     message:
         "Evaluate {wildcards.method} {wildcards.point} ({wildcards.variant}) seed={wildcards.seed}"
     input:
@@ -7,27 +8,18 @@ rule evaluate:
     output:
         **stage_outputs("evaluate", f"{run_dir()}/eval-{{variant}}"),
     params:
-        config=stage_args("evaluate"),
-        out_dir=out_dir,
-        launch=f"{shlex.quote(sys.executable)} -m bsq.cli",
+        **job_params("evaluate"),
     log:
-        f"{LOGS}/evaluate/{{method}}/{{point}}/seed-{{seed}}/{{variant}}.log",
+        job_log("evaluate", "{method}/{point}/seed-{seed}/{variant}"),
     benchmark:
-        f"{BENCH}/evaluate/{{method}}/{{point}}/seed-{{seed}}/{{variant}}.tsv"
-    conda:
-        "../../environment.yml"
-    threads: EVAL_THREADS
+        job_benchmark("evaluate", "{method}/{point}/seed-{seed}/{variant}")
+    threads: threads(one_pass=True)
     resources:
-        mem_mb=config["mem_mb"],
-        runtime=RUNTIME["evaluate"],
-        gpu=min(config["gpus"], 1),
-    shell:
-        "{params.launch} evaluate --config-json {params.config} --checkpoint {input.checkpoint}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        **machine("evaluate", one_pass=True),
 
 
 # The full-precision reference row of the tables.
-rule evaluate_pretrain:
+use rule stage_job as evaluate_pretrain with:
     message:
         "Evaluate the full-precision model (seed {wildcards.seed})"
     input:
@@ -35,20 +27,11 @@ rule evaluate_pretrain:
     output:
         **stage_outputs("evaluate", f"{pretrain_dir()}/eval"),
     params:
-        config=stage_args("evaluate"),
-        out_dir=out_dir,
-        launch=f"{shlex.quote(sys.executable)} -m bsq.cli",
+        **job_params("evaluate"),
     log:
-        f"{LOGS}/evaluate_pretrain/seed-{{seed}}.log",
+        job_log("evaluate_pretrain", "seed-{seed}"),
     benchmark:
-        f"{BENCH}/evaluate_pretrain/seed-{{seed}}.tsv"
-    conda:
-        "../../environment.yml"
-    threads: EVAL_THREADS
+        job_benchmark("evaluate_pretrain", "seed-{seed}")
+    threads: threads(one_pass=True)
     resources:
-        mem_mb=config["mem_mb"],
-        runtime=RUNTIME["evaluate"],
-        gpu=min(config["gpus"], 1),
-    shell:
-        "{params.launch} evaluate --config-json {params.config} --checkpoint {input.checkpoint}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        **machine("evaluate", one_pass=True),

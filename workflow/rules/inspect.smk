@@ -1,5 +1,5 @@
 # Convert the configured model to BSQ's initial bit-plane form and record its per-layer costs.
-from bsq.models import list_models
+from bsq.model_catalog import list_models  # torch-free: the names only
 
 
 rule inspect_model:
@@ -15,7 +15,7 @@ rule inspect_model:
         nbits=initial_bits(),
         act_bits=config["act_bits"] or "none",
         out_dir=out_dir,
-        launch=f"{shlex.quote(sys.executable)} -m bsq.cli",
+        launch=launcher(1),
     log:
         "logs/inspect_model/{arch}.log",
     benchmark:

@@ -1,5 +1,5 @@
 # Full-precision model: trained with the pretrain recipe, or imported from `pretrained` (e.g. the authors' file).
-rule pretrain:
+use rule stage_job as pretrain with:
     message:
         "Pretrain {config[arch]} on {config[dataset]} (seed {wildcards.seed})"
     input:
@@ -7,21 +7,10 @@ rule pretrain:
     output:
         **stage_outputs("pretrain", pretrain_dir()),
     params:
-        config=stage_args("pretrain"),
-        out_dir=out_dir,
-        launch=launcher(),
-        source=import_flag,
+        **job_params("pretrain"),
     log:
-        f"{LOGS}/pretrain/seed-{{seed}}.log",
+        job_log("pretrain", "seed-{seed}"),
     benchmark:
-        f"{BENCH}/pretrain/seed-{{seed}}.tsv"
-    conda:
-        "../../environment.yml"
-    threads: config["threads"]
+        job_benchmark("pretrain", "seed-{seed}")
     resources:
-        mem_mb=config["mem_mb"],
-        runtime=RUNTIME["pretrain"],
-        gpu=config["gpus"],
-    shell:
-        "{params.launch} pretrain --config-json {params.config} {params.source} --out-dir {params.out_dir}"
-        " > {log} 2>&1"
+        **machine("pretrain"),
