@@ -21,6 +21,11 @@ def tiny_config(tmp_path: Path, **optim) -> dict:
     }
 
 
+def untracked_config(tmp_path: Path, **optim) -> dict:
+    """`tiny_config` with MLflow off, for tests about files and inputs rather than runs."""
+    return {**tiny_config(tmp_path, **optim), "tracking": {"enabled": False}}
+
+
 def mlflow_runs(root: Path, experiment: str = "test-stages") -> pd.DataFrame:
     """Every run of `experiment` in the store `root/mlflow.db` (status, tags, params, metrics)."""
     import mlflow

@@ -11,22 +11,16 @@ import pytest
 
 from bsq.methods import method_names, registry, stage_spec
 from bsq.stages import default_outputs
-from tests.helpers import tiny_config
+from tests.helpers import untracked_config
 
 # Settings a method needs on tiny data with no upstream budget: FracBits' target (MB, reachable for the tiny model).
 METHOD_SETTINGS = {"fracbits": {"fracbits": {"target": 0.004}}}
 
 
-def _config(root, epochs: int) -> dict:
-    cfg = tiny_config(root, epochs=epochs)
-    cfg["tracking"] = {"enabled": False}
-    return cfg
-
-
 @pytest.fixture(scope="module")
 def float_checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("registry")
-    cfg = _config(root, epochs=1)
+    cfg = untracked_config(root, epochs=1)
     out = default_outputs("pretrain", root / "pretrain")
     stage_spec("pretrain").run_function()({**cfg, "model": {**cfg["model"], "act_bits": None}}, {}, out)
     return out["checkpoint"]
@@ -47,13 +41,13 @@ def test_method_runs_through_the_registry_and_evaluates(name, float_checkpoint, 
     method = registry()[name]
     checkpoint = float_checkpoint
     for spec in method.stages:
-        cfg = {**_config(tmp_path, epochs=max(1, spec.min_epochs)), **METHOD_SETTINGS.get(name, {})}
+        cfg = {**untracked_config(tmp_path, epochs=max(1, spec.min_epochs)), **METHOD_SETTINGS.get(name, {})}
         out = default_outputs(spec.name, tmp_path / spec.name)
         spec.run_function()(cfg, {"checkpoint": checkpoint}, out)
         assert all(path.is_file() for path in out.values()), (spec.name, out)
         checkpoint = out["checkpoint"]
     evaluated = default_outputs("evaluate", tmp_path / "evaluate")
-    stage_spec("evaluate").run_function()(_config(tmp_path, epochs=0), {"checkpoint": checkpoint}, evaluated)
+    stage_spec("evaluate").run_function()(untracked_config(tmp_path, epochs=0), {"checkpoint": checkpoint}, evaluated)
     metrics = json.loads(evaluated["metrics"].read_text())
     for key in ("top1", "avg_bits", "bitops_g"):
         assert isinstance(metrics[key], (int, float)) and math.isfinite(metrics[key]), (key, metrics[key])

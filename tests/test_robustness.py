@@ -29,7 +29,7 @@ from bsq.models import create_model
 from bsq.runlock import LOCK_NAME, FolderBusy, FolderLock
 from bsq.stages import default_outputs, pretrain
 from bsq.tracking import Tracker
-from tests.helpers import mlflow_runs, tiny_config
+from tests.helpers import mlflow_runs, tiny_config, untracked_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,17 +38,11 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _untracked(tmp_path: Path, **optim) -> dict:
-    cfg = tiny_config(tmp_path, **optim)
-    cfg["tracking"] = {"enabled": False}
-    return cfg
-
-
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     """A float model, one search on it and its pruned model (no MLflow), shared by the input checks."""
     root = tmp_path_factory.mktemp("chain")
-    cfg = _untracked(root, epochs=1)
+    cfg = untracked_config(root, epochs=1)
     out = {stage: default_outputs(stage, root / stage) for stage in ("pretrain", "search", "prune")}
     pretrain.run({**cfg, "model": {**cfg["model"], "act_bits": None}}, {}, out["pretrain"])
     search.run({**cfg, "bsq": {"alpha": 0.1}}, {"checkpoint": out["pretrain"]["checkpoint"]}, out["search"])
@@ -64,7 +58,7 @@ def test_same_seed_gives_bit_identical_pretrain_outputs(tmp_path):
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
         out = default_outputs("pretrain", tmp_path / name)
         torch.manual_seed(1000 + len(hashes))  # whatever the caller's RNG state, the run must not depend on it
-        pretrain.run({**_untracked(tmp_path, epochs=1), "seed": seed}, {}, out)
+        pretrain.run({**untracked_config(tmp_path, epochs=1), "seed": seed}, {}, out)
         hashes.append((_sha(out["checkpoint"]), _sha(out["metrics"])))
     assert hashes[0] == hashes[1]
     assert hashes[0][0] != hashes[2][0]
@@ -115,10 +109,10 @@ def test_a_second_process_cannot_work_in_a_held_folder(tmp_path):
     out = default_outputs("pretrain", folder)
     busy = pytest.raises(FolderBusy, match=f"pid {os.getpid()} on .* \\(stage pretrain")
     with FolderLock(folder, "pretrain"), busy:
-        pretrain.run(_untracked(tmp_path, epochs=1), {}, out)
+        pretrain.run(untracked_config(tmp_path, epochs=1), {}, out)
     assert not out["metrics"].exists()
     assert not (tmp_path / "mlflow.db").exists()
-    pretrain.run(_untracked(tmp_path, epochs=1), {}, out)  # free again once the holder let go
+    pretrain.run(untracked_config(tmp_path, epochs=1), {}, out)  # free again once the holder let go
     assert out["metrics"].is_file()
 
 
@@ -200,7 +194,7 @@ def test_sigterm_kills_the_run_and_the_resumed_job_ends_bit_identical(tmp_path):
 # ---- 5. wrong stage inputs fail instead of giving numbers ---------------------------------------------------------
 def test_finetune_refuses_a_search_checkpoint_unless_told(tmp_path, chain):
     search_ckpt = {"checkpoint": chain["search"]["checkpoint"]}
-    cfg = _untracked(tmp_path, epochs=1)
+    cfg = untracked_config(tmp_path, epochs=1)
     with pytest.raises(BSQError, match="output of the search stage, not of prune.*--allow-unpruned"):
         finetune.run(cfg, search_ckpt, default_outputs("finetune", tmp_path / "f"))
     assert not (tmp_path / "f").exists()
@@ -239,7 +233,7 @@ def test_a_checkpoint_with_nan_weights_is_refused(tmp_path, chain):
 
 
 def test_an_alpha_that_zeroes_every_layer_fails_with_advice(tmp_path, chain):
-    cfg = {**_untracked(tmp_path, epochs=2), "bsq": {"alpha": 1e30, "requant_interval": 1}}
+    cfg = {**untracked_config(tmp_path, epochs=2), "bsq": {"alpha": 1e30, "requant_interval": 1}}
     cfg["optim"]["lr"] = 0.05
     with pytest.raises(DegenerateScheme, match="every quantized layer is at 0 bits.*bsq.alpha=1e\\+30.*smaller alpha"):
         search.run(cfg, {"checkpoint": chain["pretrain"]["checkpoint"]}, default_outputs("search", tmp_path / "s"))
@@ -250,7 +244,7 @@ def test_an_alpha_that_zeroes_every_layer_fails_with_advice(tmp_path, chain):
 def test_a_non_numeric_budget_is_a_clear_error(tmp_path, chain, value):
     budget = tmp_path / "budget.json"
     budget.write_text(json.dumps({"compression": value, "size_mb": value}))
-    cfg = {**_untracked(tmp_path, epochs=2)}
+    cfg = {**untracked_config(tmp_path, epochs=2)}
     inputs = {"checkpoint": chain["pretrain"]["checkpoint"], "budget": budget}
     with pytest.raises(BSQError, match="the budget.s compression must be a number > 0"):
         fracbits.run(cfg, inputs, default_outputs("fracbits", tmp_path / "fb"))
@@ -261,7 +255,7 @@ def test_out_dir_that_is_a_file_is_a_clear_error(tmp_path):
     blocker = tmp_path / "runs"
     blocker.write_text("a file")
     with pytest.raises(BSQError, match="is a file, not a folder"):
-        pretrain.run(_untracked(tmp_path, epochs=1), {}, default_outputs("pretrain", blocker / "p"))
+        pretrain.run(untracked_config(tmp_path, epochs=1), {}, default_outputs("pretrain", blocker / "p"))
     assert blocker.read_text() == "a file"
 
 
@@ -270,7 +264,7 @@ def test_outputs_are_readable_by_the_group_and_others(tmp_path, chain):
     old = os.umask(0o022)
     try:
         out = default_outputs("prune", tmp_path / "p")
-        prune.run(_untracked(tmp_path), {"checkpoint": chain["search"]["checkpoint"]}, out)
+        prune.run(untracked_config(tmp_path), {"checkpoint": chain["search"]["checkpoint"]}, out)
     finally:
         os.umask(old)
     for path in out.values():
@@ -278,7 +272,7 @@ def test_outputs_are_readable_by_the_group_and_others(tmp_path, chain):
 
 
 def test_divergence_before_any_epoch_promises_no_resume_file(tmp_path, chain):
-    cfg = {**_untracked(tmp_path, lr=1e30), "bsq": {"alpha": 0.1}}
+    cfg = {**untracked_config(tmp_path, lr=1e30), "bsq": {"alpha": 0.1}}
     with pytest.raises(engine.NonFiniteLoss) as err:
         search.run(cfg, {"checkpoint": chain["pretrain"]["checkpoint"]}, default_outputs("search", tmp_path / "s"))
     assert "No epoch completed, so there is nothing to resume from" in str(err.value)
