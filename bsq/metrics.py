@@ -2,7 +2,9 @@
 
 - TP / TB count only *counted* quantized tensors (not BN, not FP shortcuts, not the per-layer scales);
   all-zero tensors cost 0 bits (spec P15). Compression = 32 TP / TB; average bits = TB / TP.
-- BitOPs = 1e-9 sum_l MACs_l * w_bits_l * a_bits_l, the FracBits / HAWQ-V3 definition.
+- BitOPs = 1e-9 sum_l MACs_l * w_bits_l * a_bits_l, the FracBits / HAWQ-V3 definition, over one trace of the model
+  (`trace_layers`) counted under a named convention of `bsq.cost` (`fracbits` by default; `hawq-v3`, `as-run`): what
+  the image, an activation the model leaves float (BSQ's plain-ReLU stem output) and float layers count.
 - The same tables serve every method: each quantized layer reports its own costs through the `QuantizedLayer`
   protocol (`bsq.quant.accounting`), so BSQ counts magnitude bits (the sign free) and DoReFa 2^k levels (sign
   included, fracbits.md §1.11) without this module knowing either class.
@@ -14,6 +16,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from bsq.cost import DEFAULT_POLICY, BitopsPolicy, LayerTrace, counted_bits
+from bsq.cost import bitops_g as cost_bitops_g
 from bsq.quant import bits as B
 from bsq.quant.accounting import FLOAT_BITS, QuantizedLayer, conv_macs, linear_macs, probe, quantized_layers
 from bsq.quant.act import ActQuant
@@ -27,13 +31,17 @@ __all__ = [
     "bitops_g",
     "size_mb",
     "model_bitops_g",
+    "trace_layers",
+    "traced_input_bits",
     "FLOAT_BITS",
 ]
 
 
-def layer_table(model: nn.Module) -> pd.DataFrame:
+def layer_table(model: nn.Module, input_size: tuple[int, ...] | None = None) -> pd.DataFrame:
     """One row per quantized tensor: name, params, stored bits N, effective bits, counted, scale, % ones per plane,
-    and the layer's own input bits where it quantizes its input."""
+    and `a_bits`, the layer's input bits as BitOPs counts them as run (`traced_input_bits`: its own input quantizer's
+    or the ActQuant's before it, the image 8, a float activation 32) on its weight row, for every method."""
+    traced = traced_input_bits(model, input_size)
     rows = [
         {
             "layer": f"{name}{cost.suffix}",
@@ -43,12 +51,37 @@ def layer_table(model: nn.Module) -> pd.DataFrame:
             "counted": cost.counted,
             "scale": cost.scale,
             "ones_pct": cost.ones_pct,
-            "a_bits": cost.a_bits,
+            "a_bits": traced.get(name, cost.a_bits) if cost.suffix == "" else cost.a_bits,
         }
         for name, layer in quantized_layers(model)
         for cost in layer.tensor_costs()
     ]
     return pd.DataFrame(rows, columns=["layer", "params", "nbits", "bits", "counted", "scale", "ones_pct", "a_bits"])
+
+
+def _probe_size(model: nn.Module) -> tuple[int, ...] | None:
+    """A small input the model accepts, for traces whose result does not depend on the resolution: (C, 32, 32)
+    for a model that starts with a conv, (features,) for one that starts with a linear layer."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, QuantizedLayer))), None)
+    if hasattr(first, "in_channels"):
+        return (first.in_channels, 32, 32)
+    return (first.in_features,) if hasattr(first, "in_features") else None
+
+
+def traced_input_bits(model: nn.Module, input_size: tuple[int, ...] | None = None) -> dict[str, float]:
+    """{layer: input bits} as run (the `as-run` policy of `bsq.cost`), from one probe forward of `input_size` (by
+    default a small input inferred from the first layer; bits do not depend on the resolution). Empty when the
+    model takes no such input."""
+    shape = input_size or _probe_size(model)
+    if shape is None:
+        return {}
+    try:
+        traces = trace_layers(model, shape)
+    except (RuntimeError, ValueError, TypeError):  # the inferred probe does not fit this model
+        if input_size is not None:
+            raise
+        return {}
+    return {name: wa[1] for name, wa in counted_bits(traces, "as-run").items() if wa is not None}
 
 
 def summary(model: nn.Module) -> dict[str, float]:
@@ -144,15 +177,15 @@ def size_mb(params: dict[str, int], w_bits: dict[str, float], float_bias_entries
     return sum(p * w_bits.get(n, FLOAT_BITS) for n, p in params.items()) / 8e6 + 4e-6 * float_bias_entries
 
 
-def model_bitops_g(model: nn.Module, input_size: tuple[int, ...], input_bits: int = 8) -> float:
-    """BitOPs of a (bit-form or float) model: weight bits from its bit layers (float layers 32), input
-    activation bits traced from the `ActQuant` that produced each layer's input. The image counts as
-    `input_bits` (8, the FracBits convention); inputs no quantizer produced (pooled features, an unquantized
-    stem) count as 32. A FracBits / uniform-QAT layer quantizes its own input: its input bits are its own."""
-    w_bits = {n: layer.weight_bits() for n, layer in quantized_layers(model)}
+def trace_layers(model: nn.Module, input_size: tuple[int, ...]) -> list[LayerTrace]:
+    """Every conv / linear layer as one probe forward of an input of `input_size` (C, H, W) sees it, in execution
+    order: MACs, weight bits (its own; 32 for a float layer), input bits (its own input quantizer's, else those of
+    the `ActQuant` that produced its input, else None: a float activation or the image), whether its input is the
+    network input and whether it runs last. `bsq.cost` counts these under a named policy."""
     # id -> (bits, tensor): holding the tensor keeps its id from being reused by a later tensor.
     produced: dict[int, tuple[int, torch.Tensor]] = {}
-    a_bits: dict[str, float] = {}
+    seen: dict[str, tuple[float | None, bool, bool, bool]] = {}  # name -> (input bits, image, quantized, ActQuant)
+    x = _example(model, input_size)
     hooks = []
 
     def act_hook(mod, inp, out):
@@ -160,8 +193,11 @@ def model_bitops_g(model: nn.Module, input_size: tuple[int, ...], input_bits: in
             produced[id(out)] = (mod.bits, out)
 
     def pre_hook(mod, inp, name):
-        own = mod.input_bits() if isinstance(mod, QuantizedLayer) else None
-        a_bits[name] = own if own is not None else produced.get(id(inp[0]), (FLOAT_BITS, None))[0]
+        quantized = isinstance(mod, QuantizedLayer)
+        own = mod.input_bits() if quantized else None
+        bits = own if own is not None else produced.get(id(inp[0]), (None, None))[0]
+        seen.pop(name, None)  # a layer run twice counts once, at its last position
+        seen[name] = (None if bits is None else float(bits), inp[0] is x, quantized, own is None and bits is not None)
 
     for name, m in model.named_modules():
         if isinstance(m, ActQuant):
@@ -169,7 +205,27 @@ def model_bitops_g(model: nn.Module, input_size: tuple[int, ...], input_bits: in
         elif isinstance(m, (nn.Conv2d, nn.Linear, QuantizedLayer)):
             hooks.append(m.register_forward_pre_hook(lambda mod, inp, name=name: pre_hook(mod, inp, name)))
     macs: dict[str, int] = {}
-    x = _example(model, input_size)
-    produced[id(x)] = (input_bits, x)
     probe(model, x, hooks + _mac_hooks(model, macs))
-    return bitops_g(macs, w_bits, a_bits)
+    w_bits = {n: float(layer.weight_bits()) for n, layer in quantized_layers(model)}
+    names = [n for n in seen if n in macs]
+    return [
+        LayerTrace(
+            name=n,
+            macs=macs[n],
+            w_bits=w_bits.get(n, float(FLOAT_BITS)),
+            a_bits=seen[n][0],
+            quantized=seen[n][2],
+            image_input=seen[n][1],
+            last=n == names[-1],
+            act_quant=seen[n][3],
+        )
+        for n in names
+    ]
+
+
+def model_bitops_g(model: nn.Module, input_size: tuple[int, ...], policy: str | BitopsPolicy = DEFAULT_POLICY) -> float:
+    """BitOPs (G) of a model in any form under a named policy (`bsq.cost.POLICIES`; default `fracbits`): weight
+    bits from its quantized layers (float layers 32), input bits traced from the quantizer that produced each
+    layer's input (a FracBits / uniform-QAT layer quantizes its own), the image and the activations no quantizer
+    produced counted as the policy says (`as-run`: image 8, float activations 32)."""
+    return cost_bitops_g(trace_layers(model, input_size), policy)

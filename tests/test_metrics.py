@@ -72,11 +72,14 @@ def test_zero_layers_count_zero_bits_and_shortcuts_are_not_counted():
 
 
 def test_bsq_model_bitops_trace_activation_bits():
-    """Inputs: image 8 bits, stem output (plain ReLU) 32, block ReLU6+Q outputs 4, pooled fc input 32."""
+    """As run: image 8 bits, stem output (plain ReLU) 32, block ReLU6+Q outputs 4, pooled fc input 32. Under the
+    default fracbits convention the two float inputs count at the model's 4-bit activations."""
     model = quantize_model(create_model("resnet20", act_bits=4))
     macs = layer_macs(model, (3, 32, 32))
     w = {n: (32 if "downsample" in n else 8) for n in macs}
     a = {n: 4 for n in macs} | {"conv1": 8, "layer1.0.conv1": 32, "fc": 32}
+    assert model_bitops_g(model, (3, 32, 32), "as-run") == pytest.approx(bitops_g(macs, w, a), rel=1e-12)
+    a |= {"layer1.0.conv1": 4, "fc": 4}
     assert model_bitops_g(model, (3, 32, 32)) == pytest.approx(bitops_g(macs, w, a), rel=1e-12)
 
 

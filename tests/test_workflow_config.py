@@ -218,7 +218,7 @@ def test_an_unreadable_baselines_sheet_names_the_file(workdir):
     sheet = workdir / "config" / "published_baselines.csv"
     sheet.write_text(sheet.read_text() + "a,b,c,d,e,f,g,h,i,j,k,l,m,n,o,p,q,r\n")
     text = _fails_before_any_job(workdir, _snakemake(workdir, "-n"))
-    assert "baselines: cannot read config/published_baselines.csv: " in text and "Expected 16 fields" in text
+    assert "baselines: cannot read config/published_baselines.csv: " in text and "Expected 17 fields" in text
 
 
 def test_the_model_card_rule_takes_only_registered_model_names(workdir):

@@ -6,9 +6,11 @@ four-corner blend equals these closed forms exactly):
     BitOPs(lambda) = 1e-9 sum_l MACs_l * mean_o(lambda_w[l, o]) * lambda_a[l]      (G)
     Size(lambda)   = [sum_l P_l * mean_o(lambda_w[l, o]) + 32 * bias entries] / 8e6   (MB)
 
-over the quantized layers. Fixed layers enter with their fixed bits: the first conv's weights and its (image) input
-at 8, the last linear's weights at 8. Float layers left unquantized (e.g. shortcuts with quantize_shortcuts off) are
-not counted in Size (as BSQ's uncounted float shortcuts) and enter BitOPs at 32 x 32, as `bsq.metrics` counts them.
+over the quantized layers. Fixed layers enter with their fixed bits: the first conv's weights at 8 and its (image)
+input at the policy's image bits (8), the last linear's weights at 8. Float layers left unquantized (e.g. shortcuts
+with quantize_shortcuts off) are not counted in Size (as BSQ's uncounted float shortcuts) and enter BitOPs at 32-bit
+weights times their input bits as the BitOPs policy counts them (`bsq.cost`; 32 under every named policy, since a
+FracBits model has no activation quantizer outside its layers), exactly as `bsq.metrics` reports them.
 The regulariser is kappa |C - C_t| (official, raw units) or kappa |C / C_t - 1| (normalised, our deviation for small
 CIFAR models whose raw gradient is ~45x weaker, §1.6). At the end of the search a global offset delta (official range
 [-1, 0], widened when it cannot reach the target) is bisected so that the rounded policy round(lambda + delta) costs
@@ -24,15 +26,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from bsq.cost import DEFAULT_POLICY, BitopsPolicy, counted_bits
+from bsq.cost import policy as bitops_policy
 from bsq.errors import BSQError
 from bsq.methods.fracbits.config import COSTS, MATCHES, matched_cost
-from bsq.metrics import FLOAT_BITS, layer_macs
+from bsq.metrics import FLOAT_BITS, trace_layers
 from bsq.quant.frac import FracLayer, clamp_bits, frac_layers
 
 __all__ = ["CostModel", "HardAssignment", "hard_assign", "official_offset", "penalty", "target_from_budget"]
 
 BUDGET_KEYS = {"size": "size_mb", "bitops": "bitops_g"}  # a budget file's metric of each cost
-IMAGE_BITS = 8  # the first layer's input is the image, counted as 8-bit (the official convention)
 
 
 @dataclass
@@ -42,22 +45,34 @@ class _Entry:
     macs: int
     params: int
     bias: int
+    fixed_a: float  # input bits where the layer does not quantize its input (the image, a float activation)
 
 
 class CostModel:
     """Cost of a FracBits model as a function of its bit-widths (and optionally a rounding offset)."""
 
-    def __init__(self, model: nn.Module, input_size: tuple[int, ...], kind: str) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        input_size: tuple[int, ...],
+        kind: str,
+        policy: str | BitopsPolicy = DEFAULT_POLICY,
+    ) -> None:
         if kind not in COSTS:
             raise BSQError(f"fracbits.cost must be one of {COSTS}, got {kind!r}")
         self.kind = kind
-        macs = layer_macs(model, input_size)
+        self.policy = bitops_policy(policy)  # the BitOPs convention (bsq.cost): image bits, float layers, W x A
+        traces = {t.name: t for t in trace_layers(model, input_size)}
+        counted = counted_bits(list(traces.values()), self.policy)
         self.entries = []
         for name, module in model.named_modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)) and name in macs:
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and name in traces:
+                if counted[name] is None and self.kind == "bitops":
+                    continue  # a float layer the policy does not count
                 bias = module.bias.numel() if module.bias is not None else 0
-                self.entries.append(_Entry(name, module, macs[name], module.weight.numel(), bias))
-        self.first = self.entries[0].name if self.entries else None
+                fixed_a = counted[name][1] if counted[name] is not None else float(FLOAT_BITS)
+                self.entries.append(_Entry(name, module, traces[name].macs, module.weight.numel(), bias, fixed_a))
+        self.first = next((t.name for t in traces.values() if t.image_input), None)
         if not any(isinstance(e.module, FracLayer) for e in self.entries):
             raise BSQError("the model has no FracBits layers: quantize it with frac_quantize_model first")
 
@@ -81,11 +96,10 @@ class CostModel:
                     total = total + (e.params * w + FLOAT_BITS * e.bias) / 8e6
                     continue
                 if a is None:
-                    a = IMAGE_BITS if e.name == self.first else FLOAT_BITS
-                total = total + 1e-9 * e.macs * w * a
+                    a = e.fixed_a
+                total = total + 1e-9 * e.macs * w * (a if self.policy.product == "wxa" else 1.0)
             elif self.kind == "bitops":
-                a = IMAGE_BITS if e.name == self.first else FLOAT_BITS
-                total = total + 1e-9 * e.macs * FLOAT_BITS * a
+                total = total + 1e-9 * e.macs * FLOAT_BITS * (e.fixed_a if self.policy.product == "wxa" else 1.0)
         device = next(e.module.weight.device for e in self.entries)
         return torch.as_tensor(total, dtype=torch.float32, device=device)
 
@@ -253,7 +267,8 @@ def _freeze(
 
 def target_from_budget(budget: dict[str, Any], match: str, cost: CostModel) -> float:
     """The FracBits target equal to a measured budget (a BSQ run's metrics.json): its compression (the same
-    average bits over this model's counted weights, hence the same compression column), size (MB) or BitOPs (G)."""
+    average bits over this model's counted weights, hence the same compression column), size (MB) or BitOPs (G),
+    the BitOPs counted under this cost model's convention where the record has them (`bitops_g@<policy>`)."""
     if match not in MATCHES:
         raise BSQError(f"fracbits.match must be {', '.join(MATCHES[:-1])} or {MATCHES[-1]}, got {match!r}")
     if cost.kind != matched_cost(match):
@@ -262,7 +277,9 @@ def target_from_budget(budget: dict[str, Any], match: str, cost: CostModel) -> f
         compression = _budget_number(budget, "compression")
         counted = sum(e.params + e.bias for e in cost.entries if isinstance(e.module, FracLayer))
         return FLOAT_BITS / compression * counted / 8e6
-    return _budget_number(budget, BUDGET_KEYS[cost.kind])
+    key = BUDGET_KEYS[cost.kind]
+    counted_as = f"{key}@{cost.policy.name}"  # the budget's BitOPs under this cost model's convention (bsq.cost)
+    return _budget_number(budget, counted_as if cost.kind == "bitops" and counted_as in budget else key)
 
 
 def _budget_number(budget: dict[str, Any], key: str) -> float:
