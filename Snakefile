@@ -26,6 +26,7 @@ include: "workflow/rules/baselines.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/inspect.smk"
+include: "workflow/rules/invocation.smk"  # MLflow: one parent run per invocation; the end-of-run summary
 
 
 rule all:

@@ -165,12 +165,14 @@ class TrackingConfig:
 
     enabled: bool = True
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under results_dir/mlflow
-    experiment: str | None = None  # None: bsq-repro-<dataset>-<arch>
+    experiment: str | None = None  # None: bsq-repro-<dataset>-<arch> (the workflow: the config's `name`)
     results_dir: str = "results"  # where the default local store lives
     tags: dict[str, str] = field(default_factory=dict)  # extra run tags (e.g. the Snakemake rule)
+    log_model: bool = True  # attach the job's final checkpoint(s) to its run (model/model.pt); false for huge models
 
     def __post_init__(self) -> None:
         require(isinstance(self.enabled, bool), "tracking.enabled", "true or false", self.enabled)
+        require(isinstance(self.log_model, bool), "tracking.log_model", "true or false", self.log_model)
         for key in ("uri", "experiment"):
             value = getattr(self, key)
             require(value is None or (isinstance(value, str) and value), f"tracking.{key}", "null or a string", value)
@@ -243,7 +245,6 @@ StageConfig = dataclasses.make_dataclass(
     "StageConfig",
     _SCALARS + [(name, cls, field(default_factory=cls)) for name, cls in SECTIONS.items()],
     bases=(_StageMethods,),
-
 )
 StageConfig.__module__ = __name__  # pickles and reprs name this module
 StageConfig.__doc__ = """Everything one stage job needs: the scalars above, the shared sections and one section per

@@ -26,6 +26,7 @@ from bsq.errors import BSQError
 from bsq.signals import critical
 
 __all__ = [
+    "PARENT_ENV",
     "default_tracking_uri",
     "flatten",
     "flatten_params",
@@ -33,11 +34,18 @@ __all__ = [
     "git_commit",
     "Tracker",
     "check_tracking_uri",
+    "invocation_parent",
+    "start_invocation_run",
+    "end_invocation_run",
 ]
 
 MAX_PARAM_LENGTH = 6000  # MLflow 3's limit on a param value
 _METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. /]")
 RETRIES = 6
+# The MLflow run of the current workflow invocation: the Snakefile's onstart handler creates it and exports its id
+# here; every job run started with this variable set becomes its direct child (lineage lives in tags, not nesting).
+PARENT_ENV = "BSQ_PARENT_RUN_ID"
+DESCRIPTION_TAG = "mlflow.note.content"  # the run page's Description
 
 
 def default_tracking_uri(results_dir: str | Path = "results") -> str:
@@ -186,6 +194,7 @@ class Tracker:
         params: Mapping[str, Any] | None = None,
         parent_run_id: str | None = None,
         resume_run_id: str | None = None,
+        description: str | None = None,
         enabled: bool = True,
     ) -> None:
         self.enabled = enabled
@@ -204,16 +213,41 @@ class Tracker:
         if commit:
             all_tags.setdefault("bsq.git_commit", commit)
             all_tags.setdefault("mlflow.source.git.commit", commit)
+        if description:
+            all_tags[DESCRIPTION_TAG] = description
+        parent_run_id = self._parent_here(parent_run_id)
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         if resume_run_id:
             self._reopen(resume_run_id)
+            kept = self.client.get_run(self.run_id).data.tags.get("mlflow.parentRunId")
+            if kept and parent_run_id and kept != parent_run_id:  # the run stays a child of the invocation that
+                all_tags["mlflow.parentRunId"] = kept  # started it; the one that finished it is a tag
+                all_tags["bsq.resumed_in_run_id"] = parent_run_id
         else:
             run = self._write(self.client.create_run, self.experiment_id, run_name=run_name, tags=all_tags)
             self.run_id = run.info.run_id
         self.set_tags(all_tags)
         if params:
             self._log_params(flatten_params(params))
+
+    def _parent_here(self, run_id: str | None) -> str | None:
+        """`run_id` when it is a run of this experiment in this store, else None with a warning (a stale
+        $BSQ_PARENT_RUN_ID, another store): the UI nests a child only under a parent of its own experiment."""
+        if not run_id:
+            return None
+        try:
+            found = self.client.get_run(run_id).info.experiment_id
+        except Exception:  # not in this store
+            found = None
+        if found != self.experiment_id:
+            import logging
+
+            logging.getLogger("bsq").warning(
+                "parent MLflow run %s is not a run of this experiment in %s: this run gets no parent", run_id, self.uri
+            )
+            return None
+        return run_id
 
     def _reopen(self, run_id: str) -> None:
         try:
@@ -261,6 +295,26 @@ class Tracker:
 
         self._write(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def log_dataset(
+        self, name: str, source: str, digest: str, context: str, tags: Mapping[str, str] | None = None
+    ) -> None:
+        """The run's dataset input (the UI's Datasets column): a metadata-only dataset (name, source URI, digest),
+        `context` (train, test) and `tags` as its input tags. Logging the same input again is a no-op."""
+        if not self.enabled:
+            return
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        dataset = MetaDataset(_dataset_source(source), name=name, digest=digest)
+        input_tags = [InputTag("mlflow.data.context", context)] + [InputTag(k, str(v)) for k, v in (tags or {}).items()]
+        existing = self.client.get_run(self.run_id).inputs.dataset_inputs
+        if any(
+            d.dataset.name == name and d.dataset.digest == digest and context in {t.value for t in d.tags}
+            for d in existing
+        ):
+            return
+        self._write(self.client.log_inputs, self.run_id, [DatasetInput(dataset._to_mlflow_entity(), input_tags)])
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled:
             self._write(self.client.log_artifact, self.run_id, str(path), artifact_path)
@@ -304,6 +358,57 @@ class Tracker:
             with contextlib.suppress(Exception):
                 self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
         return False
+
+
+def _dataset_source(uri: str):
+    """file:// and local paths: a local source; http(s): an HTTP source (no lookup, no download)."""
+    if uri.startswith(("http://", "https://")):
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+        return HTTPDatasetSource(uri)
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    return LocalArtifactDatasetSource(uri)
+
+
+# ---- the run of one workflow invocation ------------------------------------------------------------------------
+def invocation_parent() -> str | None:
+    """The id of the current workflow invocation's run ($BSQ_PARENT_RUN_ID), or None (a CLI job on its own)."""
+    return os.environ.get(PARENT_ENV) or None
+
+
+def start_invocation_run(
+    experiment: str, config: Mapping[str, Any], uri: str | None = None, description: str | None = None
+) -> str:
+    """Create the run of one workflow invocation (name: the config's `name` and its content hash), the parent of
+    every job run; returns its id. Creating it also creates the store and the experiment once, before parallel jobs
+    start (creating a fresh SQLite store from several processes at once corrupts it). Torch-free."""
+    name = str(config.get("name", experiment))
+    digest = config_hash(config)
+    tracker = Tracker(
+        experiment,
+        f"{name} · {digest[:7]}",
+        uri=uri,
+        tags={"bsq.stage": "workflow", "bsq.config_hash": digest, "bsq.config_name": name},
+        params={
+            k: config[k] for k in ("name", "dataset", "arch", "methods", "alphas", "seeds", "preset") if k in config
+        },
+        description=description,
+    )
+    tracker.log_dict(json.loads(json.dumps(dict(config), default=str)), "workflow_config.json")
+    return tracker.run_id  # left RUNNING: end_invocation_run ends it
+
+
+def end_invocation_run(run_id: str | None, status: str = "FINISHED", uri: str | None = None) -> None:
+    """End the invocation's run (FINISHED after the workflow succeeded, FAILED after a failed job)."""
+    if not run_id:
+        return
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    store = _Store(uri or default_tracking_uri())
+    from mlflow import MlflowClient
+
+    store.client = MlflowClient(tracking_uri=store.uri)
+    store.write(store.client.set_terminated, run_id, status)
 
 
 # ---- fail fast on a tracking store that cannot work ----------------------------------------------------------------

@@ -98,7 +98,7 @@ def test_baseline_runs_are_children_of_the_float_model_in_mlflow(runs):
     pretrain_run = json.loads(out["pretrain"]["run"].read_text())["run_id"]
     for name in ("fracbits", "uniform"):
         run = frame.loc[json.loads(out[name]["run"].read_text())["run_id"]]
-        assert run["tags.mlflow.parentRunId"] == pretrain_run and run["tags.bsq.stage"] == name
+        assert run["tags.bsq.upstream_run_id"] == pretrain_run and run["tags.bsq.stage"] == name
         assert run["tags.bsq.method"] == name and run["status"] == "FINISHED"
     evaluation = frame.loc[json.loads(out["eval_fracbits"]["run"].read_text())["run_id"]]
     assert evaluation["tags.bsq.method"] == "fracbits" and evaluation["tags.bsq.fracbits_run_id"]

@@ -152,12 +152,13 @@ def test_mlflow_runs_and_lineage(pipeline):
     run_ids = {key: json.loads(paths["run"].read_text())["run_id"] for key, paths in out.items()}
     for alpha in ALPHAS:
         chain = [run_ids["pretrain"]] + [run_ids[(s, alpha)] for s in ("search", "prune", "finetune", "evaluate")]
-        for parent, child in zip(chain, chain[1:], strict=False):
-            assert by_id.loc[child, "tags.mlflow.parentRunId"] == parent
+        for parent, child in zip(chain, chain[1:], strict=False):  # lineage in tags; no parent chain (one level)
+            assert by_id.loc[child, "tags.bsq.upstream_run_id"] == parent
+            assert "tags.mlflow.parentRunId" not in by_id or by_id.loc[child, "tags.mlflow.parentRunId"] != parent
         ft = by_id.loc[run_ids[("finetune", alpha)]]
         assert ft["tags.bsq.pretrain_run_id"] == run_ids["pretrain"]
         assert ft["tags.bsq.search_run_id"] == run_ids[("search", alpha)]
-        assert ft["tags.mlflow.runName"] == f"finetune/alpha={alpha}/seed=3"
+        assert ft["tags.mlflow.runName"] == f"bsq α={alpha} · finetune · s3"
         assert ft["tags.bsq.alpha"] == alpha and ft["tags.bsq.stage"] == "finetune"
         assert by_id.loc[run_ids[("search", alpha)], "params.bsq.alpha"] == str(ALPHAS[alpha])
         assert len(by_id.loc[run_ids[("search", alpha)], "tags.bsq.config_hash"]) == 12

@@ -27,6 +27,7 @@ from bsq.stages.lineage import Run
 __all__ = ["Artifacts", "write_json", "write_history", "write_text_atomic"]
 
 RUN_ARTIFACTS = ("metrics", "history", "scheme", "layers")  # outputs attached to the MLflow run
+MODEL_ARTIFACTS = ("checkpoint", "float_checkpoint")  # the final model(s), under model/ (tracking.log_model)
 
 
 def _json_safe(value: Any) -> Any:
@@ -130,6 +131,10 @@ class Artifacts:
         for key in RUN_ARTIFACTS:
             if key in ctx.outputs and ctx.outputs[key].exists():
                 tracker.log_artifact(ctx.outputs[key])
+        if ctx.cfg.tracking.log_model:
+            for key in MODEL_ARTIFACTS:
+                if key in ctx.outputs and ctx.outputs[key].exists():
+                    tracker.log_artifact(ctx.outputs[key], "model")
         write_json(ctx.outputs["run"], self._run_record(metrics, fidelity))
         ctx.resume_file.remove()
         return record

@@ -22,16 +22,27 @@ from bsq.config import StageConfig, config_to_dict, load_stage_config
 from bsq.data import DatasetInfo, Loaders, build_loaders, dataset_info
 from bsq.engine import Distributed, init_seed, seed_all
 from bsq.errors import BSQError
-from bsq.methods import StageSpec, stage_spec
+from bsq.methods import StageSpec, method_of_stage, stage_spec
 from bsq.stages.resume import ResumeFile
 from bsq.tracking import check_tracking_uri, config_hash, default_tracking_uri, flatten
 
-__all__ = ["RunContext", "open_context", "VOLATILE"]
+__all__ = ["RunContext", "open_context", "VOLATILE", "stage_keys", "scoped_params"]
 
 # Keys that do not change the result: excluded from the config hash (a resumed job may move device or store)
 # and logged as tags instead of params.
 VOLATILE = ("device", "progress", "tracking", "data.root", "data.workers", "data.pin_memory", "data.download")
 ANY_PARENT = (Form.FLOAT, Form.BITS, Form.LATENT)
+# A run's MLflow params are the settings its stage reads (sections or dotted keys): the shared ones, then the
+# stage's own: STAGE_READS where narrower than its method's sections (bsq.methods), else all of its method's.
+# BSQ's prune and finetune never read the search's alpha, so they do not show the config default as theirs.
+SHARED_KEYS = ("stage", "preset", "seed", "data", "model", "optim", "speed")
+STAGE_READS = {
+    "pretrain": (),
+    "evaluate": (),
+    "search": ("quant", "bsq"),
+    "prune": ("quant.maxbit", "bsq.overflow"),
+    "finetune": ("quant", "finetune"),
+}
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,11 @@ class RunContext:
     @property
     def resume_file(self) -> ResumeFile:
         return ResumeFile(self.folder / f".{self.stage}.resume.pt", self.config_hash, self.dist)
+
+    @property
+    def stage_params(self) -> dict[str, Any]:
+        """The params this stage reads (see STAGE_READS): what its MLflow run logs, without other methods' sections."""
+        return scoped_params(self.stage, self.params)
 
     # ---- data ----------------------------------------------------------------------------------------------
     def loaders(self) -> Loaders:
@@ -138,6 +154,20 @@ def open_context(
         config_hash=config_hash(params),
         tracking_uri=tracking_uri,
     )
+
+
+def stage_keys(stage: str) -> tuple[str, ...]:
+    """The config sections and dotted keys `stage` reads (the shared ones first)."""
+    if stage in STAGE_READS:
+        return SHARED_KEYS + STAGE_READS[stage]
+    method = method_of_stage(stage)
+    return SHARED_KEYS + (tuple(method.sections) if method is not None else ())
+
+
+def scoped_params(stage: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The flattened `params` under the keys `stage` reads, in `stage_keys` order."""
+    keys = stage_keys(stage)
+    return {name: value for key in keys for name, value in params.items() if name == key or name.startswith(key + ".")}
 
 
 def _split_volatile(flat: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -168,9 +168,10 @@ def stage_config(stage, seed, point=None, variant=None):
         "device": config["device"],
         "data": {"name": config["dataset"], "root": config["data_root"], "download": config["download"]},
         "model": {"arch": config["arch"], "act_bits": config["act_bits"], "width": config["width"]},
-        "tracking": {
+        "tracking": {  # one MLflow experiment per config name; each job a child of the invocation's run (Snakefile)
             "enabled": config["mlflow"],
             "uri": config["mlflow_uri"],
+            "experiment": NAME,
             "tags": {"bsq.experiment": NAME, "snakemake.rule": stage},
         },
     }
