@@ -13,10 +13,21 @@ from bsq.report import (
     canonical,
     collect_runs,
     comparison_table,
+    error_bars,
+    headline,
     load_baselines,
+    omitted_published,
+    pareto_front,
+    plot_layer_bits,
+    plot_pareto,
+    plot_search_curves,
     published_for,
+    published_rows,
+    requant_epochs,
     run_record,
+    run_summary,
     summarize,
+    to_html,
     to_latex,
     to_markdown,
     write_report,
@@ -104,10 +115,10 @@ def test_tables_show_ours_then_published_with_status(tmp_path):
     table = comparison_table(summarize(collect_runs(records)), load_baselines(BASELINES))
     assert table.iloc[0]["Method"] == "BSQ (alpha=5e-3)" and table.iloc[0]["Top-1 (%)"] == "92.00 ± 1.41"
     assert table.iloc[0]["Status"] == "measured" and "unverified" in set(table["Status"])
-    markdown = to_markdown(table)
-    assert markdown.splitlines()[0].startswith("| Dataset | Model | Method") and "92.00 ± 1.41" in markdown
+    markdown = to_markdown(table)  # one model: its name is in the title, not on every row
+    assert markdown.splitlines()[0].startswith("| Method | Source |") and "92.00 ± 1.41" in markdown
     latex = to_latex(table, "CIFAR-10 / ResNet-20")
-    assert r"92.00 $\pm$ 1.41" in latex and r"$\alpha$=5e-3" in latex and r"Top-1 (\%)" in latex
+    assert r"92.00 $\pm$ 1.41" in latex and r"$\alpha$=5e-3" in latex and r"top-1 in \%" in latex
 
 
 def test_write_report_writes_every_output(tmp_path):
@@ -120,7 +131,7 @@ def test_write_report_writes_every_output(tmp_path):
     ).to_csv(history, index=False)
     scheme = tmp_path / "scheme.json"
     scheme.write_text(json.dumps({"conv1": 8, "fc": 4, "fc.bias": 8}))
-    names = ("runs", "csv", "md", "tex", "pareto", "layer_bits", "search_curves")
+    names = ("runs", "csv", "md", "tex", "html", "pareto", "layer_bits", "search_curves")
     outputs = {
         n: tmp_path / "out" / (f"{n}.png" if n in ("pareto", "layer_bits", "search_curves") else f"{n}.x")
         for n in names
@@ -180,9 +191,191 @@ def test_three_methods_side_by_side_with_their_settings(tmp_path):
     table = comparison_table(summary, None)
     assert list(table["Method"]) == [
         "BSQ (alpha=5e-3)",
-        "FracBits (cost of BSQ alpha=5e-3)",
+        "FracBits (size of BSQ alpha=5e-3)",
         "FracBits (0.05 MB) [budget missed: +35.0 %]",
         "Uniform QAT (W2)",
         "Uniform QAT (W4)",
     ]
     assert table.iloc[3]["W bits"].startswith("2 (") and table.iloc[1]["W bits"].startswith("MP (")
+
+
+# ---- paper-style tables ------------------------------------------------------------------------------------------
+def _cifar_summary(tmp_path, seeds=(1,)):
+    """BSQ at one alpha (one or several seeds) and the FP model, on CIFAR-10 / ResNet-20 (published rows exist)."""
+    records = [run_record(_metrics(tmp_path, f"s{s}", 90.0 + s, s)) for s in seeds]
+    records.append(run_record(_metrics(tmp_path, "fp", 92.5, 1, stage="pretrain")))  # act_bits 4 in its metrics
+    frame = collect_runs(records)
+    frame["dataset"], frame["arch"] = "cifar10", "resnet20"
+    return summarize(frame)
+
+
+def test_published_rows_are_sorted_by_method_then_compression_with_short_source_keys(tmp_path):
+    table = comparison_table(_cifar_summary(tmp_path), load_baselines(BASELINES))
+    published = table[~table["Source"].str.startswith("ours")]
+    families = [m.split(" (")[0].lower() for m in published["Method"]]
+    assert families == sorted(families)
+    bsq = published[published["Method"].str.startswith("BSQ")]
+    compression = [float(c) for c in bsq["Comp. (x)"]]
+    assert len(compression) >= 3 and compression == sorted(compression)
+    assert published["Source"].str.fullmatch(r"\[\d+\]").all()  # "[3]", not a venue string
+    keys = list(dict.fromkeys(published["Source"]))
+    assert keys == [f"[{i}]" for i in range(1, len(keys) + 1)]  # numbered in order of appearance
+    markdown = to_markdown(table)
+    for key in keys:  # every key has its footnote with the paper
+        assert any(line.startswith(f"- {key} ") and len(line) > 30 for line in markdown.splitlines())
+    assert "- [1] BSQ: Exploring Bit-Level Sparsity" in markdown
+
+
+def test_published_rows_without_any_number_are_left_out(tmp_path):
+    baselines = load_baselines(BASELINES)
+    summary = _cifar_summary(tmp_path)
+    table = comparison_table(summary, baselines)
+    assert "BSQ (32-bit activations)" in set(published_for(baselines, "cifar10", "resnet20")["method"])
+    assert "BSQ (32-bit activations)" not in set(table["Method"])
+    numbers = ["Comp. (x)", "Size (MB)", "BitOPs (G)", "Top-1 (%)", "Top-5 (%)"]
+    assert (table[numbers] != "").any(axis=1).all()  # no row without a number
+    rows, omitted = published_rows(baselines, "cifar10", "resnet20")
+    assert omitted >= 1 and omitted_published(summary, baselines) == omitted and len(rows) == len(table) - 2
+    assert f"{omitted} published row(s) without any number" in to_markdown(table, omitted)
+
+
+def test_full_precision_row_is_32_32_in_every_table(tmp_path):
+    table = comparison_table(_cifar_summary(tmp_path), load_baselines(BASELINES))
+    fp = table[table["Method"] == "Full precision"].iloc[0]
+    assert (fp["W bits"], fp["A bits"]) == ("32", "32")  # not the config's 4-bit activations
+    assert "| Full precision | ours (n=1) | 32 | 32 |" in to_markdown(table)
+    assert "<td>Full precision</td><td>ours (n=1)</td><td>32</td><td>32</td>" in to_html(table, "t")
+    latex_row = next(line for line in to_latex(table, "t").splitlines() if line.startswith("Full precision"))
+    assert latex_row.startswith("Full precision & ours (n=1) & 32 & 32 &")
+
+
+def test_latex_is_a_booktabs_table_of_at_most_nine_columns_with_the_model_in_the_caption(tmp_path):
+    table = comparison_table(_cifar_summary(tmp_path, seeds=(1, 2)), load_baselines(BASELINES))
+    latex = to_latex(table, "Comparison")
+    lines = latex.splitlines()
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
+        assert rule in lines
+    spec = next(line for line in lines if line.startswith(r"\begin{tabular}"))
+    assert len(spec.split("{")[2].rstrip("}")) <= 9
+    body = lines[lines.index(r"\toprule") + 1 : lines.index(r"\bottomrule")]
+    rows = [line for line in body if line.endswith(r"\\")]
+    assert len(rows) == len(table) + 1 and all(line.count(" & ") + 1 <= 9 for line in rows)
+    caption = next(line for line in lines if line.startswith(r"\caption"))
+    assert "cifar10 / resnet20" in caption and r"$^\dagger$ unverified" in caption
+    assert not any("cifar10" in line or "resnet20" in line for line in rows)  # not repeated on every row
+    assert r"[1]$^\dagger$" in latex and r"\begin{table*}" in latex
+
+
+def test_numbers_of_a_column_share_one_format(tmp_path):
+    table = comparison_table(_cifar_summary(tmp_path), load_baselines(BASELINES))
+    for value in table["Comp. (x)"]:
+        assert value == "" or len(value.split(".")[1]) == 2
+    for value in table["Top-1 (%)"]:
+        assert value == "" or len(value.split(" ")[0].split(".")[1]) == 2
+
+
+# ---- plots -------------------------------------------------------------------------------------------------------
+def test_pareto_front_is_the_non_dominated_points():
+    frame = pd.DataFrame(
+        {
+            "compression": [4.0, 8.0, 8.0, 16.0, 10.0, math.nan, 2.0],
+            "top1": [90.0, 91.0, 89.0, 85.0, 80.0, 99.0, 95.0],
+        }
+    )
+    # (4, 90) and (8, 89) lose to (8, 91); (10, 80) to (16, 85); (2, 95) is the most accurate; NaN is never on it.
+    assert list(pareto_front(frame)) == [False, True, False, True, False, False, True]
+
+
+def test_error_bars_only_with_two_or_more_seeds(tmp_path):
+    frame = pd.DataFrame({"top1_std": [0.5, 0.7, math.nan], "seeds": [1, 2, 3]})
+    bars = error_bars(frame)
+    assert math.isnan(bars[0]) and bars[1] == 0.7 and math.isnan(bars[2])
+
+    def drawn(summary):
+        fig = plot_pareto(summary, None, tmp_path / "p.png")
+        return [c for c in fig.axes[0].containers if type(c).__name__ == "ErrorbarContainer"]
+
+    single = _cifar_summary(tmp_path)
+    single.loc[single["method"] == "bsq", "top1_std"] = 0.9  # a std from one seed: still no bar
+    assert drawn(single) == []
+    assert len(drawn(_cifar_summary(tmp_path, seeds=(1, 2)))) == 1
+
+
+def test_pareto_labels_do_not_overlap_and_ticks_are_plain(tmp_path):
+    records = [
+        run_record(_method_record(tmp_path, f"u{b}", "uniform", 90.0 + b / 10, 32 / b, bits=b)) for b in (2, 3, 4, 8)
+    ]
+    records += [run_record(_method_record(tmp_path, f"b{a}", "bsq", 90.2, 10.0, alpha=a)) for a in ("1", "2", "3")]
+    summary = summarize(collect_runs(records))
+    summary["dataset"], summary["arch"] = "cifar10", "resnet20"
+    fig = plot_pareto(summary, load_baselines(BASELINES), tmp_path / "p.png")
+    ax = fig.axes[0]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()  # the figure is closed: measure on a fresh canvas
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert len(boxes) >= 7 + 5  # our 7 points and the published ones with both numbers
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    assert any(t.get_text() == "W3/A3" for t in ax.texts)  # published markers say their bits
+    labels = [t.get_text() for t in ax.get_xticklabels(minor=False) if t.get_text()]
+    assert labels and all("10^" not in t and "\\times" not in t for t in labels)
+    assert all(t.get_text() == "" for t in ax.get_xticklabels(minor=True))
+
+
+def test_layer_bits_tell_float_layers_from_zero_bit_layers(tmp_path):
+    schemes = {
+        "bsq/alpha-1": {"conv1": 8, "layer1.conv": 0, "fc": 4},  # the shortcut stays float, layer1.conv lost all bits
+        "fracbits/alpha-1": {"conv1": 8, "layer1.conv": 1.5, "layer1.shortcut": 2, "fc": 4},
+    }
+    fig = plot_layer_bits(schemes, tmp_path / "l.png")
+    bsq, fracbits = fig.axes
+    assert any(patch.get_hatch() == "///" for patch in bsq.patches)  # float: a hatched slot
+    assert any(line.get_marker() == "x" for line in bsq.lines)  # 0 bits: an x at zero
+    assert not any(patch.get_hatch() for patch in fracbits.patches)
+    legend = [t.get_text() for t in fracbits.get_legend().get_texts()]
+    assert legend == ["size of BSQ α=1"] and "kernels" in fracbits.get_title()
+
+
+def test_search_curves_mark_requantizations_on_integer_epochs(tmp_path):
+    history = pd.DataFrame(
+        {
+            "epoch": [0, 1, 2],
+            "proj_avg_bits": [8.0, 5.0, 4.0],
+            "bit_sparsity": [0.6, 0.7, 0.75],
+            "test_top1": [90.0, 80.0, 85.0],
+            "requant_top1_before": [90.0, math.nan, 70.0],
+        }
+    )
+    assert requant_epochs(history) == [0, 2]
+    fig = plot_search_curves({"0.3": history}, tmp_path / "s.png")
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+        assert sum(line.get_linestyle() == ":" for line in ax.lines) == 2
+
+
+# ---- terminal summary --------------------------------------------------------------------------------------------
+def test_run_summary_gives_the_headline_and_where_everything_is(tmp_path):
+    summary = _cifar_summary(tmp_path, seeds=(1, 2))
+    lines = headline(summary)
+    assert lines[0].startswith("BSQ alpha") and lines[1].split()[0] == "5e-3" and "91.50 ± 0.71" in lines[1]
+    assert any(line.startswith("Full precision: top-1 92.50") for line in lines) and len(lines) <= 4
+    csv = tmp_path / "t.csv"
+    summary.to_csv(csv, index=False)
+    tables = {"csv": str(csv), "runs": "r.csv", "md": "t.md", "tex": "t.tex"}
+    plots = {"pareto": "p.png"}
+    config = {"dataset": "cifar10", "arch": "resnet20", "mlflow": True, "mlflow_uri": "sqlite:///x/mlflow.db"}
+    text = run_summary("demo", config, tables, plots, "t.html")
+    assert "91.50 ± 0.71" in text and "t.tex" in text and "p.png" in text and "t.html" in text
+    assert "snakemake --report" in text and "mlflow ui --backend-store-uri sqlite:///x/mlflow.db" in text
+    missing = run_summary("demo", {**config, "mlflow": False}, {**tables, "csv": str(tmp_path / "no.csv")}, plots)
+    assert "no headline" in missing and "mlflow ui" not in missing
+
+
+def test_the_bitops_footnote_names_the_convention_our_rows_used():
+    from bsq.report import cost_note
+
+    note = cost_note(pd.DataFrame({"bitops_policy": ["fracbits", "fracbits", ""]}))
+    assert note.count("fracbits convention") == 1 and "image input at 8 bits" in note
+    assert note.endswith("Published rows: their paper's convention.\n")
+    assert cost_note(pd.DataFrame({"top1": [1.0]})) == ""  # records from before the accountant: no claim
