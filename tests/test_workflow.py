@@ -208,11 +208,28 @@ def test_tables_hold_the_runs_numbers(finished):
 
 
 @pytest.mark.slow
+def test_the_default_demo_shows_bits_falling_with_alpha(finished):
+    """The demo's promise (config.yaml): a stronger alpha gives strictly fewer average bits, and each search's
+    scheme is the one its last epochs settled on (the prune stage's bits are the search's final projection)."""
+    workdir, _ = finished
+    summary = pd.read_csv(workdir / "results" / "tables" / "default.csv", dtype={"setting": str})
+    bsq = summary[(summary["method"] == "bsq") & (summary["variant"] == "finetune")]
+    ordered = bsq.assign(alpha=bsq["setting"].astype(float)).sort_values("alpha")
+    assert len(ordered) == 3 and ordered["avg_bits"].is_monotonic_decreasing and ordered["avg_bits"].is_unique
+    for setting in ordered["setting"]:
+        run = workdir / "results" / "default" / "digits" / "resnet8" / "bsq" / f"alpha-{setting}" / "seed-1"
+        history = pd.read_csv(run / "search" / "history.csv")
+        last = history["proj_avg_bits"].tail(5)
+        assert last.nunique() == 1, f"alpha {setting}: the scheme still moves in the last epochs: {list(last)}"
+
+
+@pytest.mark.slow
 def test_every_job_is_an_mlflow_run_with_lineage(finished):
     import mlflow
 
     workdir, _ = finished
-    mlflow.set_tracking_uri(f"sqlite:///{workdir}/results/mlflow/mlflow.db")
+    runs_uri = f"sqlite:///{workdir}/results/mlflow/mlflow.db"
+    mlflow.set_tracking_uri(runs_uri)
     try:
         runs = mlflow.search_runs(search_all_experiments=True)
     finally:
@@ -230,12 +247,25 @@ def test_every_job_is_an_mlflow_run_with_lineage(finished):
         "uniform": bits,
         "evaluate": 1 + 2 * n + n + bits,
         "aggregate": 1,
+        "workflow": 1,  # the run of the invocation
     }
     assert (runs["status"] == "FINISHED").all()
+    # One experiment named by the config; one run per invocation, every job's run its direct child (one level);
+    # names unique and self-explaining; lineage in tags.
+    experiment = mlflow.MlflowClient(runs_uri).get_experiment_by_name(config["name"])
+    assert set(runs["experiment_id"]) == {experiment.experiment_id}
+    (invocation,) = runs.loc[runs["tags.bsq.stage"] == "workflow", "run_id"]
+    jobs = runs[runs["run_id"] != invocation]
+    assert (jobs["tags.mlflow.parentRunId"] == invocation).all() and runs["tags.mlflow.runName"].is_unique
+    names = set(jobs["tags.mlflow.runName"])
+    assert {"float · pretrain · s1", "eval · float · pretrain · s1", "uniform W4 · s1"} <= names
+    for alpha in config["alphas"]:
+        assert {f"bsq α={alpha} · {step} · s1" for step in ("search", "prune", "finetune", "scratch")} <= names
+        assert f"eval · fracbits @ bsq α={alpha} size · s1" in names
     finetunes = runs[(runs["tags.bsq.stage"] == "finetune") & (runs["tags.bsq.variant"] != "scratch")]
     by_id = runs.set_index("run_id")
     for _, run in finetunes.iterrows():
-        prune_run = by_id.loc[run["tags.mlflow.parentRunId"]]
+        prune_run = by_id.loc[run["tags.bsq.upstream_run_id"]]
         assert prune_run["tags.bsq.stage"] == "prune" and prune_run["tags.bsq.alpha"] == run["tags.bsq.alpha"]
         assert by_id.loc[run["tags.bsq.search_run_id"], "tags.bsq.stage"] == "search"
         assert by_id.loc[run["tags.bsq.pretrain_run_id"], "tags.bsq.stage"] == "pretrain"
