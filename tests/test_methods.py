@@ -130,3 +130,15 @@ def test_cli_has_one_command_per_stage_with_the_stages_own_flags():
     assert args.allow_unpruned is True and args.scheme == "s.json"
     for stage in stages():
         assert parser.parse_args([stage]).command == stage
+
+
+def test_what_each_stage_reads_names_real_config_keys():
+    """A stage's `reads` scopes its MLflow params; a misspelt key would silently drop a setting from the run."""
+    import dataclasses
+
+    for spec in all_stages().values():
+        for key in spec.reads or ():
+            section, _, field = key.partition(".")
+            assert section in SECTIONS, (spec.name, key)
+            assert not field or field in {f.name for f in dataclasses.fields(SECTIONS[section])}, (spec.name, key)
+    assert all_stages()["prune"].reads == ("quant.maxbit", "bsq.overflow")  # prune never reads the search's alpha

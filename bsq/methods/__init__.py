@@ -51,6 +51,7 @@ GENERIC_STAGES = {
         {"epochs": 350, "lr": 0.1, "milestones": [150, 250, 325]},  # spec §8.1: FP 350 ep, x0.1 at 150/250/325
         inputs=(),
         optional_inputs=("import_checkpoint",),
+        reads=(),
         help="train (or import) the full-precision model",
         flags=(
             Flag(
@@ -66,6 +67,7 @@ GENERIC_STAGES = {
         ("metrics", "layers", "run"),
         {"epochs": 0},
         0,
+        reads=(),
         help="top-1/top-5, bits, compression, size, BitOPs of any checkpoint",
         flags=(
             Flag("--weight-bits", "quantize an official float checkpoint to N bits first", arg="weight_bits", type=int),

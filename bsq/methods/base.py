@@ -61,6 +61,9 @@ class StageSpec:
     inputs: tuple[str, ...] = ("checkpoint",)  # required input names
     optional_inputs: tuple[str, ...] = ()
     check: Callable[[Any], None] | None = None  # extra checks of a resolved StageConfig when it is read
+    # Config sections or dotted keys the stage reads beyond the shared ones (its MLflow params); None = all of its
+    # method's sections.
+    reads: tuple[str, ...] | None = None
     help: str = ""  # one line for `bsq --help`
     flags: tuple[Flag, ...] = ()
 

@@ -33,16 +33,8 @@ __all__ = ["RunContext", "open_context", "VOLATILE", "stage_keys", "scoped_param
 VOLATILE = ("device", "progress", "tracking", "data.root", "data.workers", "data.pin_memory", "data.download")
 ANY_PARENT = (Form.FLOAT, Form.BITS, Form.LATENT)
 # A run's MLflow params are the settings its stage reads (sections or dotted keys): the shared ones, then the
-# stage's own: STAGE_READS where narrower than its method's sections (bsq.methods), else all of its method's.
-# BSQ's prune and finetune never read the search's alpha, so they do not show the config default as theirs.
+# stage's own, as its StageSpec declares them (`reads`; None = all of its method's sections, bsq.methods).
 SHARED_KEYS = ("stage", "preset", "seed", "data", "model", "optim", "speed")
-STAGE_READS = {
-    "pretrain": (),
-    "evaluate": (),
-    "search": ("quant", "bsq"),
-    "prune": ("quant.maxbit", "bsq.overflow"),
-    "finetune": ("quant", "finetune"),
-}
 
 
 @dataclass(frozen=True)
@@ -68,7 +60,7 @@ class RunContext:
 
     @property
     def stage_params(self) -> dict[str, Any]:
-        """The params this stage reads (see STAGE_READS): what its MLflow run logs, without other methods' sections."""
+        """The params this stage reads (its StageSpec `reads`): what its MLflow run logs, no other method's."""
         return scoped_params(self.stage, self.params)
 
     # ---- data ----------------------------------------------------------------------------------------------
@@ -158,9 +150,9 @@ def open_context(
 
 def stage_keys(stage: str) -> tuple[str, ...]:
     """The config sections and dotted keys `stage` reads (the shared ones first)."""
-    if stage in STAGE_READS:
-        return SHARED_KEYS + STAGE_READS[stage]
-    method = method_of_stage(stage)
+    spec, method = stage_spec(stage), method_of_stage(stage)
+    if spec is not None and spec.reads is not None:
+        return SHARED_KEYS + spec.reads
     return SHARED_KEYS + (tuple(method.sections) if method is not None else ())
 
 

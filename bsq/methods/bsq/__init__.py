@@ -51,6 +51,7 @@ METHOD = Method(
             "bsq.methods.bsq.search:run",
             ("checkpoint", "metrics", "history", "run"),
             SEARCH_RECIPE,
+            reads=("quant", "bsq"),
             help="BSQ search for one alpha: bit planes + group Lasso + periodic re-quantization",
             flags=(Flag("--alpha", "bsq.alpha, the regularisation strength (e.g. 5e-3)", key="bsq.alpha", type=float),),
         ),
@@ -60,6 +61,7 @@ METHOD = Method(
             ("checkpoint", "scheme", "layers", "metrics", "run"),
             {"epochs": 0},
             0,
+            reads=("quant.maxbit", "bsq.overflow"),  # not the search's alpha: prune never reads it
             help="final re-quantization: scheme.json and the pruned bit model",
         ),
         StageSpec(
@@ -68,6 +70,7 @@ METHOD = Method(
             ("checkpoint", "float_checkpoint", "metrics", "history", "run"),
             FINETUNE_RECIPE,
             optional_inputs=("scheme",),
+            reads=("quant", "finetune"),
             help="train with the scheme fixed; best model in bit and float form",
             flags=(
                 Flag(
