@@ -54,7 +54,7 @@ def _inspect(args: argparse.Namespace) -> None:
         model = quantize_model(model, policy)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = layer_table(model)
+    table = layer_table(model, info.input_size)
     write_text_atomic(out / "layers.csv", table.to_csv(index=False))
     result = {
         "arch": args.arch,

@@ -446,13 +446,58 @@ def digits_split() -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
 
+def _digits_csv() -> Path | None:
+    """Where scikit-learn keeps the digits CSV, found without importing it (None: scikit-learn is absent)."""
+    spec = importlib.util.find_spec("sklearn")
+    return Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+
+def _fingerprint(paths: list[Path]) -> str:
+    """A cheap digest of data files: names and sizes (a file under 1 MiB, e.g. the digits CSV, by content)."""
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        h.update(path.name.encode())
+        h.update(path.read_bytes() if path.stat().st_size < 1 << 20 else str(path.stat().st_size).encode())
+    return h.hexdigest()
+
+
+def dataset_source(cfg: DataConfig) -> tuple[str, str]:
+    """(source URI, content fingerprint) of a dataset as configured, for its MLflow dataset input. The fingerprint
+    is cheap: file names and sizes for CIFAR-10, the class folders of each split for ImageNet (not a walk over a
+    million files), "" where the files cannot be read; the source is the official download where none is local."""
+    source, content = None, ""
+    try:
+        if cfg.name == "digits":
+            csv = _digits_csv()
+            if csv is not None and csv.is_file():
+                source, content = csv.as_uri(), _fingerprint([csv])
+        elif cfg.root is not None:
+            root = Path(cfg.root).expanduser().resolve()
+            source = root.as_uri()
+            if cfg.name == "cifar10":
+                folder = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
+                content = _fingerprint([p for p in folder.iterdir() if p.is_file()])
+            else:
+                listing = [
+                    f"{s}/{p.name}" for s in ("train", "val") if (root / s).is_dir() for p in (root / s).iterdir()
+                ]
+                content = hashlib.sha256("\n".join(sorted(listing)).encode()).hexdigest()
+    except OSError:
+        content = ""
+    if source is None:
+        source = CIFAR10_URL if cfg.name == "cifar10" else f"bsq-repro://datasets/{cfg.name}"
+    return source, content
+
+
 @cache
 def _load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     """The 1,797 digits exactly as ``sklearn.datasets.load_digits()`` gives them, read straight from the CSV that
     scikit-learn ships (`sklearn/datasets/data/digits.csv.gz`: 64 pixels 0..16, then the label, per row).
     Locating the file without importing scikit-learn saves ~3.5 s of start-up (it imports scipy) in every job."""
-    spec = importlib.util.find_spec("sklearn")
-    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    path = _digits_csv()
     if path is None or not path.is_file():
         raise BSQError(
             "data.name=digits needs scikit-learn, which ships the digits: pip install scikit-learn "

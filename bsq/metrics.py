@@ -37,11 +37,18 @@ __all__ = [
 ]
 
 
+_TABLE_COLUMNS = ["layer", "params", "nbits", "bits", "counted", "scale", "ones_pct", "a_bits"]
+
+
 def layer_table(model: nn.Module, input_size: tuple[int, ...] | None = None) -> pd.DataFrame:
     """One row per quantized tensor: name, params, stored bits N, effective bits, counted, scale, % ones per plane,
     and `a_bits`, the layer's input bits as BitOPs counts them as run (`traced_input_bits`: its own input quantizer's
     or the ActQuant's before it, the image 8, a float activation 32) on its weight row, for every method."""
-    traced = traced_input_bits(model, input_size)
+    return _cost_table(model, traced_input_bits(model, input_size))
+
+
+def _cost_table(model: nn.Module, traced: dict[str, float]) -> pd.DataFrame:
+    """The rows of `layer_table`, weight rows taking their input bits from `traced` (empty: the layer's own)."""
     rows = [
         {
             "layer": f"{name}{cost.suffix}",
@@ -56,7 +63,7 @@ def layer_table(model: nn.Module, input_size: tuple[int, ...] | None = None) -> 
         for name, layer in quantized_layers(model)
         for cost in layer.tensor_costs()
     ]
-    return pd.DataFrame(rows, columns=["layer", "params", "nbits", "bits", "counted", "scale", "ones_pct", "a_bits"])
+    return pd.DataFrame(rows, columns=_TABLE_COLUMNS)
 
 
 def _probe_size(model: nn.Module) -> tuple[int, ...] | None:
@@ -85,8 +92,9 @@ def traced_input_bits(model: nn.Module, input_size: tuple[int, ...] | None = Non
 
 
 def summary(model: nn.Module) -> dict[str, float]:
-    """TP, TB, average bits, compression (paper), quantized size and full model size in MB."""
-    table = layer_table(model)
+    """TP, TB, average bits, compression (paper), quantized size and full model size in MB. (Called every search
+    epoch: it needs no input bits, so it runs no probe forward.)"""
+    table = _cost_table(model, {})
     counted = table[table["counted"]]
     tp = int(counted["params"].sum())
     tb = int(round(float((counted["params"] * counted["bits"]).sum())))

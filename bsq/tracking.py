@@ -130,15 +130,20 @@ class _Store:
     def open(self, experiment: str) -> str:
         """Connect (creating or migrating a SQLite store under the lock) and get or create `experiment`: its id."""
         try:
-            from mlflow import MlflowClient
-
             with self.locked():
-                self.client = MlflowClient(tracking_uri=self.uri)
+                self.connect()
                 return self._experiment(experiment)
         except BSQError:
             raise
         except Exception as exc:  # mlflow raises many types for a bad store
             raise self.error(exc) from exc
+
+    def connect(self):
+        """The store's MLflow client (created here, once per `_Store`)."""
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=self.uri)
+        return self.client
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -405,10 +410,7 @@ def end_invocation_run(run_id: str | None, status: str = "FINISHED", uri: str | 
         return
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     store = _Store(uri or default_tracking_uri())
-    from mlflow import MlflowClient
-
-    store.client = MlflowClient(tracking_uri=store.uri)
-    store.write(store.client.set_terminated, run_id, status)
+    store.write(store.connect().set_terminated, run_id, status)
 
 
 # ---- fail fast on a tracking store that cannot work ----------------------------------------------------------------

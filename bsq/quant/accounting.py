@@ -21,6 +21,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from bsq.cost import FLOAT_BITS  # what an unquantized tensor costs per entry (one home: the accountant)
+
 __all__ = [
     "FLOAT_BITS",
     "TensorCost",
@@ -31,9 +33,6 @@ __all__ = [
     "conv_macs",
     "linear_macs",
 ]
-
-
-FLOAT_BITS = 32  # what an unquantized tensor costs per entry
 
 
 @dataclass(frozen=True)

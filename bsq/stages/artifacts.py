@@ -110,8 +110,9 @@ class Artifacts:
     def write_layers(self, key: str, model: nn.Module) -> None:
         """The per-layer table (bsq.metrics.layer_table) as CSV, the share of ones per plane space-separated."""
         from bsq.metrics import layer_table
+        from bsq.stages.measure import input_size
 
-        table = layer_table(model)
+        table = layer_table(model, input_size(self.ctx.dataset(), self.ctx.cfg.data.image_size))
         table["ones_pct"] = table["ones_pct"].map(lambda z: " ".join(f"{v:g}" for v in z))
         if self.writes:
             write_text_atomic(self.ctx.outputs[key], table.to_csv(index=False))

@@ -16,14 +16,13 @@ the description, which links the upstream runs by name.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from bsq.data import dataset_source
 from bsq.methods import all_stages, method_of_stage
 from bsq.runlock import FolderLock
 from bsq.stages.context import RunContext
@@ -154,44 +153,11 @@ def _describe_run(
 
 
 # ---- the dataset input -----------------------------------------------------------------------------------------
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-
-
-def _fingerprint(paths: list[Path]) -> str:
-    """A cheap digest of data files: names and sizes (the digits CSV, small, by content)."""
-    h = hashlib.sha256()
-    for path in sorted(paths):
-        h.update(path.name.encode())
-        h.update(path.read_bytes() if path.stat().st_size < 1 << 20 else str(path.stat().st_size).encode())
-    return h.hexdigest()
-
-
 def dataset_input(ctx: RunContext) -> dict[str, Any]:
     """The run's dataset as MLflow records it: name, source URI, digest (of the data files and the subsets), the
     context (train for a training stage, test for prune and evaluate) and input tags."""
     data = ctx.cfg.data
-    source, content = None, ""
-    try:
-        if data.name == "digits":
-            spec = importlib.util.find_spec("sklearn")
-            csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
-            if csv is not None and csv.is_file():
-                source, content = csv.as_uri(), _fingerprint([csv])
-        elif data.root is not None:
-            root = Path(data.root).expanduser().resolve()
-            source = root.as_uri()
-            if data.name == "cifar10":
-                folder = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
-                content = _fingerprint([p for p in folder.iterdir() if p.is_file()])
-            else:  # imagenet: the class folders of each split, not a walk over a million files
-                listing = [
-                    f"{s}/{p.name}" for s in ("train", "val") if (root / s).is_dir() for p in (root / s).iterdir()
-                ]
-                content = hashlib.sha256("\n".join(sorted(listing)).encode()).hexdigest()
-    except OSError:
-        content = ""
-    if source is None:
-        source = CIFAR10_URL if data.name == "cifar10" else f"bsq-repro://datasets/{data.name}"
+    source, content = dataset_source(data)
     subsets = {"train_subset": data.train_subset, "test_subset": data.test_subset}
     digest = hashlib.sha256(json.dumps([content or source, subsets]).encode()).hexdigest()[:12]
     training = bool(all_stages()[ctx.stage].recipe.get("epochs", 1))
