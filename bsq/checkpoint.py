@@ -94,23 +94,35 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def model_form(model: nn.Module) -> Form:
-    """FLOAT (no quantized layers), FRAC (FracBits / uniform-QAT layers), or the common form of the BSQ bit
-    layers (BITS or LATENT)."""
+def model_form(model: nn.Module) -> Form | str:
+    """FLOAT (no quantized layers), FRAC (FracBits / uniform-QAT layers), the common form of the BSQ bit
+    layers (BITS or LATENT), or a method's own training form: the `checkpoint_form` its layers carry
+    (`Method.forms`: CSQ's gated planes, MSQ's LSB layers, a DNAS super-network)."""
     from bsq.quant.convert import bit_layers
     from bsq.quant.frac import frac_layers
 
     forms = {layer.form for _, layer in bit_layers(model)} | {layer.form for _, layer in frac_layers(model)}
+    forms |= {form for _, form, _ in _method_form_layers(model)}
     if not forms:
         return Form.FLOAT
     if len(forms) > 1:
         raise BSQError(f"bit layers are in mixed forms {sorted(forms)}; convert them all with set_form_ first")
-    return Form(forms.pop())
+    form = forms.pop()
+    return Form(form) if form in {f.value for f in Form} else form
+
+
+def _method_form_layers(model: nn.Module):
+    """(name, form, layer) of the layers of a method's own form (a class attribute `checkpoint_form`)."""
+    for name, module in model.named_modules():
+        form = getattr(type(module), "checkpoint_form", None)
+        if isinstance(form, str):
+            yield name, form, module
 
 
 def layer_precisions(model: nn.Module) -> dict[str, int]:
     """The stored N of every quantized tensor (0 allowed in latent form), keyed like a scheme; for FracBits layers
-    the scheme of `frac_scheme` (weight bits, and `<layer>.act` input bits)."""
+    the scheme of `frac_scheme` (weight bits, and `<layer>.act` input bits); for a method's own layers what their
+    `precisions()` reports (suffix -> N)."""
     from bsq.quant.convert import bit_layers
     from bsq.quant.frac import frac_layers, frac_scheme
 
@@ -121,6 +133,9 @@ def layer_precisions(model: nn.Module) -> dict[str, int]:
         out[name] = int(layer.nbits)
         if layer.has_bias:
             out[f"{name}.bias"] = int(layer.bias_nbits)
+    for name, _, layer in _method_form_layers(model):
+        if hasattr(layer, "precisions"):
+            out.update({f"{name}{suffix}": int(n) for suffix, n in layer.precisions().items()})
     return out
 
 
@@ -146,7 +161,7 @@ def make_checkpoint(
         "bsq_version": bsq.__version__,
         "torch_version": str(torch.__version__),
         "stage": stage,
-        "form": form.value,  # a plain string: `weights_only` loading accepts no enum
+        "form": str(form),  # a plain string: `weights_only` loading accepts no enum
         "model": dict(model_args),
         "policy": dict(policy) if form != Form.FLOAT and policy is not None else None,
         "precisions": layer_precisions(model),
@@ -176,7 +191,12 @@ def build_model(
 
         return frac_quantize_model(model, FracPolicy(**(policy or {})))
     if form not in (Form.BITS, Form.LATENT):
-        raise BSQError(f"unknown checkpoint form {form!r}")
+        from bsq.methods import form_builder
+
+        builder = form_builder(str(form))
+        if builder is None:
+            raise BSQError(f"unknown checkpoint form {form!r}")
+        return builder(model, policy, dict(precisions))
     scheme = {name: max(int(n), 1) for name, n in precisions.items()}
     quantize_model(model, QuantPolicy(**(policy or {})), scheme=scheme)
     if form == Form.LATENT:

@@ -93,3 +93,47 @@ def test_torchvision_imagenet_weights_load_as_a_pretrained_start(arch):
     load_official_state(ours, {"state_dict": reference.state_dict()})
     key = "fc.weight"
     assert torch.equal(ours.state_dict()[key], reference.state_dict()[key])
+
+
+class _ScaledLinear(torch.nn.Linear):
+    """A toy training layer of a method's own form: a learnable gain per output, its precision carried along."""
+
+    checkpoint_form = "toy-gain"
+
+    def __init__(self, linear: torch.nn.Linear, nbits: int) -> None:
+        super().__init__(linear.in_features, linear.out_features)
+        self.gain = torch.nn.Parameter(torch.ones(linear.out_features))
+        self.nbits = nbits
+
+    def forward(self, x):
+        return super().forward(x) * self.gain
+
+    def precisions(self) -> dict[str, int]:
+        return {"": self.nbits}
+
+
+def _toy_build(model, policy, precisions):
+    model.fc = _ScaledLinear(model.fc, precisions["fc"])
+    return model
+
+
+def test_a_methods_own_training_form_round_trips(tmp_path, monkeypatch):
+    """A resume file of a method's training model (Method.forms) records its form and precisions and rebuilds."""
+    import bsq.methods
+
+    monkeypatch.setattr(bsq.methods, "form_builder", lambda form: _toy_build if form == "toy-gain" else None)
+    model = _toy_build(create_model("resnet8", 10, width=4, in_channels=1), None, {"fc": 5})
+    with torch.no_grad():
+        model.fc.gain.mul_(1.5)
+    assert C.model_form(model) == "toy-gain" and C.layer_precisions(model) == {"fc": 5}
+    args = {"arch": "resnet8", "num_classes": 10, "width": 4, "in_channels": 1}
+    path = C.save_checkpoint(
+        tmp_path / "resume.pt", C.make_checkpoint(model, stage="toy", model_args=args, policy=None)
+    )
+    loaded = C.load_model(C.load_checkpoint(path))
+    x = torch.randn(2, 1, 8, 8)
+    model.eval(), loaded.eval()
+    assert torch.equal(model(x), loaded(x)) and loaded.fc.nbits == 5
+    monkeypatch.setattr(bsq.methods, "form_builder", lambda form: None)
+    with pytest.raises(BSQError, match="unknown checkpoint form 'toy-gain'"):
+        C.load_model(C.load_checkpoint(path))

@@ -8,7 +8,7 @@ new package, one line in `_METHODS` below, its schema section and its tests (REA
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cache
 from typing import Any
 
@@ -31,6 +31,7 @@ __all__ = [
     "config_sections",
     "points",
     "settings_for",
+    "form_builder",
 ]
 
 # name -> the package declaring it (imported on first use; each is torch-free)
@@ -149,3 +150,12 @@ def settings_for(method: str, slug: str, workflow: Mapping[str, Any]) -> Point:
             return point
     known = [p.slug for p in points(method, workflow)]
     raise BSQError(f"{method} has no point {slug!r} in this config; its points are {known}")
+
+
+def form_builder(form: str) -> Callable[..., Any] | None:
+    """The builder of a method's own checkpoint form (`Method.forms`), imported on use; None when no method has it."""
+    for method in registry().values():
+        if form in method.forms:
+            module, _, function = method.forms[form].partition(":")
+            return getattr(importlib.import_module(module), function)
+    return None

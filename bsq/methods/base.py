@@ -82,7 +82,10 @@ class Method:
     - `points(workflow_config)`: the settings the workflow runs it at;
     - `check_workflow(workflow_config)`: the method's cross-key checks of the workflow config (raise BSQError);
     - `workflow_keys`: dotted stage-config keys the workflow sets per point, with where their value comes from
-      (a config that sets one under `stages:` is refused)."""
+      (a config that sets one under `stages:` is refused);
+    - `forms`: the checkpoint forms of its training models (form name -> `module:function` of
+      `build(float_model, policy, precisions) -> model`), so a resume file of a half-trained model rebuilds; the
+      method's layers carry that name as `checkpoint_form` (bsq.checkpoint). Final checkpoints use the shared forms."""
 
     name: str
     summary: str
@@ -92,6 +95,12 @@ class Method:
     points: Callable[[Mapping[str, Any]], list[Point]]
     check_workflow: Callable[[Mapping[str, Any]], None] = lambda workflow: None
     workflow_keys: Mapping[str, str] = field(default_factory=dict)
+    forms: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        """The display name tables and plots use: the summary up to its colon ("FracBits", "MSQ (reconstruction)")."""
+        return self.summary.partition(":")[0].strip()
 
     def stage(self, name: str) -> StageSpec:
         for spec in self.stages:

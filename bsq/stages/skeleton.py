@@ -42,6 +42,9 @@ class TrainingPlan:
       evaluation)`: the metrics measured before training (logged at step 0, kept in the resume file), None for
       none; `start_is_candidate`: the start state competes for the best epoch (the authors' finetune);
     - `hooks(training)`: the stage's training hooks; `keep_best`, `best_after`, `lr_per_step`: see `Trainer`;
+    - `export(training)`: converts `training.model` in place to the form the stage's checkpoint is saved in (CSQ's
+      and MSQ's training layers become BSQ bit layers), after the best epoch is reloaded and before the final
+      metrics, so they measure the exported model; None = saved as trained;
     - `final_metrics(training, fit)`: the stage's metrics after training (the best epoch reloaded when
       `keep_best`), merged after the start metrics;
     - `outputs(training, metrics)`: the stage's outputs besides `checkpoint`, metrics, history and run.
@@ -65,6 +68,7 @@ class TrainingPlan:
     best_after: int = 0
     lr_per_step: bool = False
     outputs: Callable[[Training, dict[str, Any]], None] | None = None
+    export: Callable[[Training], None] | None = None
 
 
 @dataclass
@@ -108,6 +112,8 @@ def run_training(ctx: RunContext, plan: TrainingPlan) -> dict[str, Any]:
         result = job.trainer.fit()
         if plan.keep_best and result.best_state is not None:
             model.load_state_dict(result.best_state)
+        if plan.export is not None:
+            plan.export(job)
         metrics = {**job.start_metrics, **plan.final_metrics(job, result)}
         artifacts.save_model("checkpoint", model, metrics, epoch=ctx.cfg.optim.epochs)
         if plan.outputs is not None:
