@@ -17,6 +17,7 @@ FILE_NAMES = {
     "scheme": "scheme.json",
     "layers": "layers.csv",
     "run": "run.json",
+    "hessian": "hessian.json",  # per-layer Hessian traces and what they decided (HAWQ-V3, MSQ)
 }
 
 

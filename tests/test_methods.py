@@ -40,7 +40,7 @@ def test_import_of_config_layout_and_registry_loads_no_torch():
 
 
 def test_every_method_declares_itself_consistently():
-    assert tuple(registry()) == method_names() == ("bsq", "fracbits", "uniform")
+    assert tuple(registry()) == method_names() == ("bsq", "csq", "msq", "fracbits", "hawq", "dnas", "uniform")
     for name, method in registry().items():
         assert method.name == name and method.summary and method.stages
         for spec in method.stages:
@@ -53,7 +53,19 @@ def test_every_method_declares_itself_consistently():
 
 def test_stages_are_the_generic_ones_then_each_methods():
     assert list(all_stages())[:2] == list(GENERIC_STAGES) == ["pretrain", "evaluate"]
-    assert stages() == ("pretrain", "evaluate", "search", "prune", "finetune", "fracbits", "uniform")
+    assert stages() == (
+        "pretrain",
+        "evaluate",
+        "search",
+        "prune",
+        "finetune",
+        "csq",
+        "msq",
+        "fracbits",
+        "hawq",
+        "dnas",
+        "uniform",
+    )
     assert method_of_stage("pretrain") is None
 
 
@@ -85,11 +97,13 @@ def test_settings_for_a_slug_and_its_errors():
     assert settings_for("uniform", "bits-4", WORKFLOW).settings == {"qat": {"bits": 4}}
     with pytest.raises(BSQError, match=r"uniform has no point 'bits-3'.*\['bits-2', 'bits-4'\]"):
         settings_for("uniform", "bits-3", WORKFLOW)
-    with pytest.raises(BSQError, match="unknown method 'hawq'; registered methods: bsq, fracbits, uniform"):
-        get_method("hawq")
+    with pytest.raises(
+        BSQError, match="unknown method 'haq'; registered methods: bsq, csq, msq, fracbits, hawq, dnas, uniform"
+    ):
+        get_method("haq")
 
 
-@pytest.mark.parametrize("method", ["bsq", "fracbits", "uniform"])
+@pytest.mark.parametrize("method", method_names())
 def test_each_points_settings_make_a_valid_stage_config(method):
     for point in points(method, WORKFLOW):
         stage = get_method(method).stages[0].name
@@ -110,7 +124,7 @@ def test_method_checks_of_the_workflow_config():
 
 def test_config_sections_are_unique_per_name():
     sections = config_sections()
-    assert set(sections) == {"bsq", "finetune", "fracbits", "qat"}
+    assert set(sections) == {"bsq", "finetune", "csq", "msq", "fracbits", "hawq", "dnas", "qat"}
     assert sections["qat"] is get_method("uniform").sections["qat"] is get_method("fracbits").sections["qat"]
 
 

@@ -14,7 +14,12 @@ from bsq.stages import default_outputs
 from tests.helpers import untracked_config
 
 # Settings a method needs on tiny data with no upstream budget: FracBits' target (MB, reachable for the tiny model).
-METHOD_SETTINGS = {"fracbits": {"fracbits": {"target": 0.004}}}
+METHOD_SETTINGS = {
+    "fracbits": {"fracbits": {"target": 0.004}},
+    "csq": {"csq": {"target": 2.0}},
+    "hawq": {"hawq": {"target": 0.004, "samples": 4, "hessian_batches": 1}},
+    "dnas": {"dnas": {"target": 0.0018}},  # MB: ~2.8 bits over the searched layers, within {1, 2, 3, 4}
+}
 
 
 @pytest.fixture(scope="module")

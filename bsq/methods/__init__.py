@@ -34,10 +34,14 @@ __all__ = [
     "form_builder",
 ]
 
-# name -> the package declaring it (imported on first use; each is torch-free)
+# name -> the package declaring it (imported on first use; each is torch-free). The order is the tables' order.
 _METHODS = {
     "bsq": "bsq.methods.bsq",
-    "fracbits": "bsq.methods.fracbits",
+    "csq": "bsq.methods.csq",  # BSQ's successors: bit-level, then LSB-level sparsity
+    "msq": "bsq.methods.msq",
+    "fracbits": "bsq.methods.fracbits",  # the classic searches: differentiable bits, Hessian + ILP, super-network
+    "hawq": "bsq.methods.hawq",
+    "dnas": "bsq.methods.dnas",
     "uniform": "bsq.methods.uniform",
 }
 

@@ -26,7 +26,7 @@ from bsq.stages.lineage import Run
 
 __all__ = ["Artifacts", "write_json", "write_history", "write_text_atomic"]
 
-RUN_ARTIFACTS = ("metrics", "history", "scheme", "layers")  # outputs attached to the MLflow run
+RUN_ARTIFACTS = ("metrics", "history", "scheme", "layers", "hessian")  # outputs attached to the MLflow run
 MODEL_ARTIFACTS = ("checkpoint", "float_checkpoint")  # the final model(s), under model/ (tracking.log_model)
 
 

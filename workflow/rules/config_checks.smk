@@ -9,6 +9,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 from snakemake.utils import update_config
+from bsq.methods import method_names
 
 CONFIG_SCHEMA = "workflow/schemas/config.schema.yaml"  # relative to the Snakefile's folder, as messages show it
 BASELINES_SCHEMA = "workflow/schemas/published_baselines.schema.yaml"
@@ -171,7 +172,10 @@ def check_distinct(config):
         "seeds": (config.get("seeds"), "seed", int),
         "uniform_bits": (config.get("uniform_bits"), "bit-width", int),
         "alphas": (config.get("alphas"), "alpha", float),
-        "fracbits.targets": ((config.get("fracbits") or {}).get("targets"), "target", float),
+        **{
+            f"{method}.targets": ((config.get(method) or {}).get("targets"), "target", float)
+            for method in method_names()  # each method's explicit targets (`<method>: {targets: [...]}`)
+        },
     }
     for key, (values, what, kind) in lists.items():
         if not isinstance(values, list):
