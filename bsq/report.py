@@ -40,7 +40,24 @@ BASELINE_COLUMNS = (
     "method", "paper", "venue_year", "dataset", "model", "w_bits", "a_bits", "model_size_mb", "bitops_g",
     "compression_rate", "top1", "top5", "fp_top1", "source_table", "notes", "status",
 )  # fmt: skip
-METHOD_NAMES = {"bsq": "BSQ", "fracbits": "FracBits", "uniform": "Uniform QAT", "fp": "Full precision"}
+
+
+def method_title(method: str) -> str:
+    """A method's display name: the registry's title ("FracBits", "MSQ (reconstruction)"), "Full precision" for fp."""
+    from bsq.methods import registry  # torch-free
+
+    if method == "fp":
+        return "Full precision"
+    found = registry().get(method)
+    return found.title if found is not None else str(method)
+
+
+def method_rank(method: str) -> int:
+    """Table order: the float model, then the methods in registry order (BSQ first), unknown names last."""
+    from bsq.methods import method_names
+
+    names = ("fp", *method_names())
+    return names.index(method) if method in names else len(names)
 
 
 def canonical(name: Any) -> str:
@@ -53,6 +70,11 @@ def _read_json(path: str | Path) -> dict[str, Any]:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise BSQError(f"cannot read {path}: {exc}; re-run the job that writes it") from exc
+
+
+def _target_unit(labels: dict[str, Any]) -> str:
+    """The unit of an explicit target label: GBitOPs, MB, or average bits (CSQ's and MSQ's own targets)."""
+    return {"bitops": "G", "size": "MB", "bits": "bits"}.get(str(labels.get("cost", "size")), "")
 
 
 # ---- our runs ----------------------------------------------------------------------------------------------------
@@ -71,8 +93,8 @@ def run_record(
     alpha, target, bits = (str(labels.get(k, "")) for k in ("alpha", "target", "bits"))
     if method == "uniform":
         setting = f"W{bits}"
-    elif method == "fracbits" and not alpha:
-        setting = f"{target} {'G' if labels.get('cost') == 'bitops' else 'MB'}"
+    elif target and not alpha:  # an explicit target (FracBits, CSQ, HAWQ-V3, ...)
+        setting = f"{target} {_target_unit(labels)}"
     else:
         setting = alpha
     record = {
@@ -122,7 +144,7 @@ def fidelity_note(runs: pd.DataFrame) -> str:
     lines = []
     keys = runs[["preset", "switches_changed"]].astype("string").fillna("")
     for (preset, changed), group in runs.groupby([keys["preset"], keys["switches_changed"]], sort=True):
-        methods = ", ".join(sorted({METHOD_NAMES.get(m, m) for m in group["method"]}))
+        methods = ", ".join(sorted({method_title(m) for m in group["method"]}))
         extra = f", with {changed}" if changed else ""
         lines.append(f"preset `{preset or 'unrecorded'}`{extra}: {methods}")
     return "Fidelity (switch values per preset: README, deviations table): " + "; ".join(lines) + ".\n" if lines else ""
@@ -166,13 +188,13 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
             lambda v: v.abs().max() * (1 if v.max() >= -v.min() else -1)
         )
     out = out.reset_index()
-    # Paper order: FP, then BSQ by alpha (scratch after finetune), FracBits by alpha / target, uniform by bits.
+    # Paper order: FP, then BSQ by alpha (scratch after finetune), then each method (registry order) by alpha / target
+    # / bits.
     out["_order"] = pd.to_numeric(out["alpha"].replace("", None), errors="coerce").fillna(
         pd.to_numeric(out["bits"].replace("", None), errors="coerce")
     )
     out["_order"] = out["_order"].fillna(pd.to_numeric(out["target"].replace("", None), errors="coerce"))
-    order = {"fp": 0, "bsq": 1, "fracbits": 2, "uniform": 3}
-    out["_method"] = out["method"].map(order).fillna(9)
+    out["_method"] = out["method"].map(method_rank)
     out["_variant"] = (out["variant"] == "scratch").astype(int)
     out = out.sort_values(["dataset", "arch", "_method", "_variant", "_order"]).drop(
         columns=["_order", "_method", "_variant"]
@@ -181,10 +203,10 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def label_of(row: pd.Series) -> str:
-    name = METHOD_NAMES.get(row["method"], str(row["method"]))
+    name = method_title(row["method"])
     if row["method"] == "bsq" and row["alpha"]:
         name += f" (alpha={row['alpha']})"
-    elif row["method"] == "fracbits" and row["alpha"]:
+    elif row["method"] != "bsq" and row["alpha"]:  # a method run at the cost a BSQ run reached
         name += f" (size of BSQ alpha={row['alpha']})"
     elif row["method"] == "uniform" and row["bits"]:
         name += f" (W{row['bits']})"
@@ -478,8 +500,9 @@ def to_latex(table: pd.DataFrame, caption: str, omitted: int = 0) -> str:
 
 
 def headline(summary: pd.DataFrame) -> list[str]:
-    """A few lines for the terminal: one line per BSQ alpha (compression, then top-1 of BSQ, FracBits at that size and
-    the train-from-scratch baseline), then the full-precision model and the other rows on one line per method."""
+    """A few lines for the terminal: one line per BSQ alpha (compression, then top-1 of BSQ, of each method run at
+    that size and of the train-from-scratch baseline), then the full-precision model and the other rows on one line
+    per method."""
 
     def top1(row: pd.Series) -> str:
         return _fmt(row["top1"], row.get("top1_std", math.nan), 2)
@@ -487,19 +510,26 @@ def headline(summary: pd.DataFrame) -> list[str]:
     lines: list[str] = []
     bsq = summary[(summary["method"] == "bsq") & (summary["variant"] == "finetune")]
     if not bsq.empty:
-        lines.append(f"{'BSQ alpha':<10} {'comp. (x)':>9}  {'BSQ':>8}  {'FracBits':>8}  {'scratch':>8}   (top-1 %)")
+        alphas = summary["alpha"].astype(str)
+        matched = summary[(summary["method"] != "bsq") & alphas.isin(bsq["alpha"].astype(str))]
+        columns = [(m, "finetune") for m in sorted(set(matched["method"]), key=method_rank)] + [("bsq", "scratch")]
+        names = [method_title(m).split(" (")[0] if v == "finetune" else "scratch" for m, v in columns]
+        lines.append(
+            f"{'BSQ alpha':<10} {'comp. (x)':>9}  {'BSQ':>8}" + "".join(f"  {n:>8}" for n in names) + "   (top-1 %)"
+        )
         for _, row in bsq.iterrows():
-            same = summary["alpha"].astype(str) == str(row["alpha"])
+            same = alphas == str(row["alpha"])
             cells = []
-            for method, variant in (("fracbits", "finetune"), ("bsq", "scratch")):
+            for method, variant in columns:
                 match = summary[same & (summary["method"] == method) & (summary["variant"] == variant)]
                 cells.append(top1(match.iloc[0]) if not match.empty else "-")
             lines.append(
-                f"{row['alpha']!s:<10} {_fmt(row['compression']):>9}  {top1(row):>8}  {cells[0]:>8}  {cells[1]:>8}"
+                f"{row['alpha']!s:<10} {_fmt(row['compression']):>9}  {top1(row):>8}"
+                + "".join(f"  {c:>8}" for c in cells)
             )
     shown = bsq.index.union(summary.index[summary["alpha"].astype(str).isin(bsq["alpha"].astype(str))])
     for method, rows in summary.drop(index=shown).groupby("method", sort=False):
-        name = METHOD_NAMES.get(method, method)
+        name = method_title(method)
         if method == "fp":
             lines.append(f"{name}: top-1 {top1(rows.iloc[0])} %")
             continue
@@ -652,7 +682,7 @@ def plot_pareto(summary: pd.DataFrame, baselines: pd.DataFrame | None, path: str
     plt, sns = _pyplot()
     ours = summary[summary["method"] != "fp"].copy()
     ours["series"] = ours.apply(
-        lambda r: METHOD_NAMES.get(r["method"], r["method"]) + (" (from scratch)" if r["variant"] == "scratch" else ""),
+        lambda r: method_title(r["method"]) + (" (from scratch)" if r["variant"] == "scratch" else ""),
         axis=1,
     )
     ours["yerr"] = error_bars(ours)
@@ -771,7 +801,7 @@ def plot_layer_bits(schemes: dict[str, dict[str, float]], path: str | Path):
         ax.set_xlim(-0.6, len(layers) - 0.4)
         ax.set_ylim(0, top + 0.5)
         ax.set_ylabel("weight bits")
-        name = METHOD_NAMES.get(method, method)
+        name = method_title(method)
         note = (
             "\n(non-integer heights: mean bits over the layer's kernels, kernel-wise precision)" if fractional else ""
         )

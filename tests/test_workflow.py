@@ -24,14 +24,19 @@ def workdir(tmp_path):
 
 
 def _expected_counts(config: dict) -> dict[str, int]:
-    """Jobs per rule: BSQ per alpha x seed (+ scratch), FracBits per matched alpha and target, uniform per bits."""
+    """Jobs per rule: BSQ per alpha x seed (+ scratch), each budgeted method (FracBits, CSQ, ...) per matched alpha and
+    target, uniform per bits."""
     seeds = len(config["seeds"])
     methods = config.get("methods", ["bsq", "fracbits", "uniform"])
     runs = len(config["alphas"]) * seeds if "bsq" in methods else 0
     variants = 2 if config.get("train_from_scratch", True) else 1
-    fracbits = config.get("fracbits", {})
-    points = (runs if fracbits.get("match", "compression") else 0) + len(fracbits.get("targets", [])) * seeds
-    fb = points if "fracbits" in methods else 0
+
+    def budgeted(method: str) -> int:  # one run per BSQ run (`<method>.match`) plus one per explicit target
+        settings = config.get(method, {})
+        points = (runs if settings.get("match", "compression") else 0) + len(settings.get("targets", [])) * seeds
+        return points if method in methods else 0
+
+    one_stage = {m: budgeted(m) for m in ("csq", "msq", "fracbits", "hawq", "dnas")}
     uniform = len(config.get("uniform_bits", [2, 3, 4, 8])) * seeds if "uniform" in methods else 0
     counts = {
         "pretrain": seeds,
@@ -40,9 +45,9 @@ def _expected_counts(config: dict) -> dict[str, int]:
         "prune": runs,
         "finetune": runs,
         "train_from_scratch": runs if variants == 2 else 0,
-        "fracbits": fb,
+        **one_stage,
         "uniform": uniform,
-        "evaluate": runs * variants + fb + uniform,
+        "evaluate": runs * variants + sum(one_stage.values()) + uniform,
         "aggregate": 1,
         "inspect_model": 1,
         "all": 1,

@@ -293,3 +293,28 @@ def test_the_template_rule_is_no_job(workdir):
     result = _snakemake(workdir, "-n", "stage_job")
     assert result.returncode != 0
     assert "stage_job is the template of the stage jobs, not a job" in result.stderr + result.stdout
+
+
+NEW_METHODS = ("csq", "msq", "hawq", "dnas")
+
+
+def test_every_method_runs_at_every_alpha_at_that_runs_cost(workdir):
+    """`--config methods=[bsq,csq,msq,hawq,dnas]` schedules one job per method and alpha, each with the matched BSQ
+    run's prune metrics as its budget (equal cost: `<method>.match`, compression by default), and evaluates it."""
+    methods = "methods=[bsq," + ",".join(NEW_METHODS) + "]"
+    result = _snakemake(workdir, "-n", "-p", "--config", methods, "train_from_scratch=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = _jobs(result.stdout + result.stderr)
+    runs = "results/default/digits/resnet8"
+    for method in NEW_METHODS:
+        for alpha in ("0.1", "0.3", "1"):
+            stage, cfg, args = jobs[f"{runs}/{method}/alpha-{alpha}/seed-1/finetune"]
+            assert stage == method and cfg[method]["match"] == "compression"
+            assert cfg["labels"]["alpha"] == alpha
+            assert args == {
+                "--checkpoint": f"{runs}/pretrain/seed-1/model.pt",
+                "--budget": f"{runs}/bsq/alpha-{alpha}/seed-1/prune/metrics.json",
+            }
+            assert f"{runs}/{method}/alpha-{alpha}/seed-1/eval-finetune" in jobs
+    counts = _job_counts(result.stdout)
+    assert all(counts[method] == 3 for method in NEW_METHODS), counts

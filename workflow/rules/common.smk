@@ -368,13 +368,14 @@ def evaluations():
 
 
 def scheme_files():
-    """Per-layer bits of the first seed for the layer plot: BSQ per alpha, FracBits per point."""
+    """Per-layer bits of the first seed for the layer plot: BSQ per alpha (its pruned scheme), and every method run at
+    a BSQ run's cost (FracBits, CSQ, MSQ, HAWQ-V3, DNAS: the scheme its one job wrote), so allocations at equal cost
+    line up."""
     first = config["seeds"][0]  # curves and per-layer bars show the first seed, as the paper's figures
-    stage = {"bsq": "prune", "fracbits": "finetune"}
     return {
-        f"{run.method}/{run.point.slug}": f"{run.dir}/{stage[run.method]}/scheme.json"
+        f"{run.method}/{run.point.slug}": f"{run.dir}/{'prune' if run.method == 'bsq' else 'finetune'}/scheme.json"
         for run in RUN_TABLE
-        if run.seed == first and run.method in stage
+        if run.seed == first and (run.method == "bsq" or run.point.budget_of is not None)
     }
 
 
