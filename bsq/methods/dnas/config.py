@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bsq.budgets import COSTS, MATCHES, matched_cost
 from bsq.checks import is_int, is_number, require
 from bsq.errors import BSQError
-from bsq.methods.fracbits.config import COSTS, MATCHES, matched_cost
 
 __all__ = ["DnasConfig", "COSTS", "MATCHES", "MIXTURES", "COMPLEXITIES", "UPDATES", "THETA_OPTIMIZERS", "matched_cost"]
 

@@ -1,7 +1,8 @@
 """DNAS / EdMIPS' expected cost and the complexity term (methods-next.md "DNAS and EdMIPS").
 
-The cost model is FracBits' (`bsq.methods.fracbits.cost.CostModel`: size in MB or BitOPs in G under the suite's
-BitOPs policies, bsq.cost; fixed first / last layers at their fixed bits, float layers as the policy counts them)
+The cost model is FracBits' (`bsq.quant.frac_cost.CostModel`, shared with FracBits and HAWQ-V3: size in MB or
+BitOPs in G under the suite's BitOPs policies, bsq.cost; fixed first / last layers at their fixed bits, float layers
+as the policy counts them)
 with a mixed layer's bits replaced by their expectation under pi = softmax(theta / T):
 
     E[Size]   = sum_l [P_l sum_c pi_lc c + 32 bias_l] / 8e6
@@ -20,8 +21,8 @@ from collections.abc import Mapping
 import torch
 
 from bsq.methods.dnas.supernet import MixedLayer
-from bsq.methods.fracbits.cost import CostModel
 from bsq.quant.frac import FracLayer
+from bsq.quant.frac_cost import CostModel
 
 __all__ = ["ExpectedCost", "complexity_term", "scheme_cost"]
 

@@ -38,8 +38,8 @@ from bsq.methods.dnas.supernet import (
     theta_parameters,
     to_supernet_,
 )
-from bsq.methods.fracbits.cost import target_from_budget
 from bsq.quant.frac import frac_scheme
+from bsq.quant.frac_cost import target_from_budget
 from bsq.quant.qat import activation_range, qat_model, qat_model_args, qat_policy
 from bsq.stages.context import RunContext, open_context
 from bsq.stages.measure import cost_metrics, input_size

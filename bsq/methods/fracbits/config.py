@@ -4,19 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bsq.budgets import COSTS, MATCHES, matched_cost  # shared (re-exported here)
 from bsq.checks import bit_range, is_int, is_number, require
 from bsq.errors import BSQError
 from bsq.presets import check_choice
 
 __all__ = ["FracBitsConfig", "COSTS", "MATCHES", "matched_cost"]
-
-COSTS = ("size", "bitops")  # MB of weights | G BitOPs (weights x activations)
-MATCHES = ("compression", "size", "bitops")  # what a budget input's metrics are matched on
-
-
-def matched_cost(match: str) -> str:
-    """The cost a FracBits run matched to a budget must regularise: compression and size match a size target."""
-    return "bitops" if match == "bitops" else "size"
 
 
 @dataclass

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bsq.budgets import COSTS, MATCHES, matched_cost  # shared (re-exported here)
 from bsq.checks import is_int, is_number, require
 
 __all__ = ["HAWQConfig", "COSTS", "MATCHES", "QUANTIZERS", "matched_cost", "check_candidates"]
 
-COSTS = ("size", "bitops")  # MB of weights | G BitOPs, counted as bsq.metrics / bsq.cost count the finetuned model
-MATCHES = ("compression", "size", "bitops")  # what a budget input's metrics are matched on (as fracbits.match)
 NEGATIVE_TRACES = ("floor", "keep")  # a trace estimate < 0: the model's least positive Tr / n | as estimated
 QUANTIZERS = ("dorefa", "hawq")  # Q_b of the sensitivity: the finetune's DoReFa | HAWQ's symmetric per-channel
 ACTIVATIONS = ("fixed", "same")  # a searched layer's input bits: model.act_bits | the bits the ILP gives its weights
 MAX_BITS = 16
-
-
-def matched_cost(match: str) -> str:
-    """The cost a run matched to a budget constrains: compression and size match a size budget."""
-    return "bitops" if match == "bitops" else "size"
 
 
 def check_candidates(value: object, key: str = "hawq.candidates") -> list[int]:

@@ -32,12 +32,12 @@ from torch import nn
 from bsq.checkpoint import Form, load_model
 from bsq.engine import FitResult
 from bsq.errors import BSQError
-from bsq.methods.fracbits.cost import CostModel, target_from_budget
 from bsq.methods.hawq.config import HAWQConfig, matched_cost
 from bsq.methods.hawq.ilp import Allocation, Budget, CostTable, allocate
 from bsq.methods.hawq.sensitivity import sensitivities
 from bsq.quant.convert import is_shortcut
 from bsq.quant.frac import FracLayer, frac_layers, frac_scheme
+from bsq.quant.frac_cost import CostModel, target_from_budget
 from bsq.quant.hessian import HessianTrace, hutchinson_traces
 from bsq.quant.qat import FLOAT_ACTIVATIONS, qat_model, qat_model_args, qat_policy
 from bsq.stages.artifacts import write_json

@@ -9,21 +9,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from bsq.budgets import MATCHES, matched_cost  # shared (re-exported here)
 from bsq.checks import is_int, is_number, require
 from bsq.errors import BSQError
 from bsq.quant.limits import MAX_BITS
 
 __all__ = ["MSQConfig", "MATCHES", "LEVELS", "NORMALIZE", "UNITS", "matched_cost"]
 
-MATCHES = ("compression", "size", "bitops")  # what a target / a budget input's metrics are matched on
 LEVELS = ("nested", "bsq")
 NORMALIZE = ("model", "layer", "none")
 UNITS = ("code", "value")
-
-
-def matched_cost(match: str) -> str:
-    """The cost a run is steered by: compression and size are both a size target (MB), bitops a BitOPs one (G)."""
-    return "bitops" if match == "bitops" else "size"
 
 
 @dataclass
