@@ -5,12 +5,14 @@ EdMIPS")."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
 import torch
 from torch import nn
 
+from bsq.budgets import clamp_matched
 from bsq.checkpoint import load_checkpoint
 from bsq.errors import BSQError
 from bsq.methods import get_method, stage_spec
@@ -248,10 +250,10 @@ def _config(tmp_path, dnas, epochs=2):
     return {**cfg, "data": {**cfg["data"], "train_subset": 192}, "dnas": dnas}  # 3 steps an epoch
 
 
-def _run(tmp_path, checkpoint, dnas, name="dnas", epochs=2):
+def _run(tmp_path, checkpoint, dnas, name="dnas", epochs=2, inputs=None):
     cfg = _config(tmp_path, dnas, epochs)
     out = default_outputs("dnas", tmp_path / name)
-    stage_spec("dnas").run_function()(cfg, {"checkpoint": checkpoint}, out)
+    stage_spec("dnas").run_function()(cfg, {"checkpoint": checkpoint, **(inputs or {})}, out)
     return out, json.loads(out["metrics"].read_text())
 
 
@@ -265,6 +267,39 @@ def test_stage_joint_softmax_meets_the_target(float_checkpoint, tmp_path):
     assert {v for k, v in scheme.items() if not k.endswith(".act") and k not in ("conv1", "fc")} <= {1, 2, 3, 4}
     probs = [p for layer in metrics["theta_probs"].values() for p in layer.values()]
     assert probs and all(sum(p.values()) == pytest.approx(1, abs=1e-4) for p in probs)
+    assert metrics["target"] == 0.0018 and metrics["budget_reachable"] is True and "target_used" not in metrics
+
+
+def test_clamp_matched_moves_an_unreachable_budget_to_the_nearest_end():
+    inside = clamp_matched(2.0, 1.0, 3.0, "MB", "DNAS")
+    assert inside.used == 2.0 and inside.metrics() == {"budget_reachable": True}
+    below = clamp_matched(0.5, 1.0, 3.0, "MB", "DNAS")
+    bounds = {"budget_floor": 1.0, "budget_ceiling": 3.0}
+    assert below.metrics() == {"target_used": 1.0, "budget_reachable": False, **bounds}
+    above = clamp_matched(4.0, 1.0, 3.0, "MB", "DNAS")
+    assert above.requested == 4.0 and above.used == 3.0 and not above.reachable
+    assert clamp_matched(0.5, 1.0, None, "MB", "HAWQ").metrics() == {
+        "target_used": 1.0,
+        "budget_reachable": False,
+        "budget_floor": 1.0,
+    }
+
+
+def test_stage_matched_budget_below_the_floor_runs_at_the_floor(float_checkpoint, tmp_path, caplog):
+    # compression 1000: 0.032 bits per counted weight, under the all-1-bit floor (BSQ's 0.87 average bits, in
+    # small): the run goes on at the floor and flags the miss instead of failing the workflow
+    budget = tmp_path / "bsq_metrics.json"
+    budget.write_text(json.dumps({"compression": 1000.0, "labels": {"method": "bsq", "alpha": "0.02"}}))
+    with caplog.at_level(logging.WARNING, logger="bsq"):
+        _, metrics = _run(tmp_path, float_checkpoint, {}, inputs={"budget": budget})
+    assert metrics["budget_reachable"] is False
+    assert metrics["target_used"] == metrics["budget_floor"] > metrics["target"]
+    assert metrics["budget_ceiling"] > metrics["budget_floor"]
+    assert metrics["achieved_cost"] <= metrics["budget_floor"] * (1 + metrics["tolerance"])  # repaired to the floor
+    assert metrics["budget_met"] is False and metrics["derived_cost_rel_error"] > 0  # vs the requested target
+    assert metrics["labels"]["alpha"] == "0.02"
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert f"{metrics['target']:.6g} MB is below the smallest reachable cost" in warning
 
 
 def test_stage_alternate_gumbel_bitops(float_checkpoint, tmp_path):
@@ -299,6 +334,7 @@ def test_stage_resumes_the_search_exactly(float_checkpoint, tmp_path, monkeypatc
     [
         ({}, "needs a target"),
         ({"target": 5.0}, "outside what the candidates reach"),
+        ({"target": 1e-6}, r"target 1e-06 MB is outside what the candidates reach \([0-9.e-]+ with every layer at"),
         ({"target": 0.0018, "search_epochs": 2}, "dnas.search_epochs=2 leaves no finetune epoch"),
     ],
 )

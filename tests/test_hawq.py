@@ -5,6 +5,7 @@ sensitivity on hand-computed tensors, bad inputs, the workflow points, and the s
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -261,9 +262,33 @@ def test_stage_matches_a_bsq_budget(float_checkpoint, tmp_path):
     # the same average bits over the counted weights: 32 / 6 bits per counted entry
     assert metrics["target"] == pytest.approx(32 / 6 * metrics["quantized_params"] / 8e6)
     assert metrics["compression"] >= 6.0 and metrics["labels"]["alpha"] == "0.005"
+    assert metrics["budget_reachable"] is True and "target_used" not in metrics and "budget_floor" not in metrics
+
+
+def test_stage_matched_budget_below_the_floor_runs_at_the_floor(float_checkpoint, tmp_path, caplog):
+    # compression 1000: 0.032 bits per counted weight, far under every searched layer at 4 bits (BSQ's 0.87 average
+    # bits under a 1-bit floor, in small): the run goes on at the floor and flags the miss instead of failing
+    budget = tmp_path / "bsq_metrics.json"
+    budget.write_text(json.dumps({"compression": 1000.0, "labels": {"method": "bsq", "alpha": "0.02"}}))
+    with caplog.at_level(logging.WARNING, logger="bsq"):
+        out = _run(tmp_path, float_checkpoint, {"match": "compression"}, {"budget": budget})
+    metrics = json.loads(out["metrics"].read_text())
+    assert metrics["target"] == pytest.approx(32 / 1000 * metrics["quantized_params"] / 8e6)  # the requested one
+    assert metrics["budget_reachable"] is False and "budget_ceiling" not in metrics
+    assert metrics["target_used"] == metrics["budget_floor"] > metrics["target"]
+    assert metrics["predicted_cost"] == pytest.approx(metrics["budget_floor"], rel=1e-9)
+    assert metrics["achieved_cost"] == pytest.approx(metrics["budget_floor"], rel=1e-6)
+    assert metrics["budget_met"] is False and metrics["cost_rel_error"] > 0  # vs the requested target
+    layers = json.loads((out["metrics"].parent / "hessian.json").read_text())["layers"]
+    assert {row["bits"] for row in layers.values()} == {4}  # every searched layer at its cheapest candidate
+    assert metrics["labels"]["alpha"] == "0.02"
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert f"{metrics['target']:.6g} MB is below the smallest reachable cost" in warning
+    assert f"running at {metrics['budget_floor']:.6g} MB" in warning
 
 
 def test_stage_infeasible_target_fails_before_training(float_checkpoint, tmp_path):
+    # an explicit target is the user's number: below the floor it stays an error (a matched budget runs, above)
     with pytest.raises(BSQError, match=r"smallest reachable cost is [0-9.]+ MB.*raise hawq\.target"):
         _run(tmp_path, float_checkpoint, {"target": 0.001})
     assert not (tmp_path / "hawq" / "metrics.json").exists()

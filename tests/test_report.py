@@ -379,3 +379,14 @@ def test_the_bitops_footnote_names_the_convention_our_rows_used():
     assert note.count("fracbits convention") == 1 and "image input at 8 bits" in note
     assert note.endswith("Published rows: their paper's convention.\n")
     assert cost_note(pd.DataFrame({"top1": [1.0]})) == ""  # records from before the accountant: no claim
+
+
+def test_every_methods_budget_miss_is_shown_under_its_own_key():
+    """FracBits, HAWQ-V3 / MSQ, DNAS and CSQ name their cost error differently; each row shows its miss."""
+    from bsq.report import _budget_error
+
+    assert _budget_error({"hard_cost_rel_error": 0.02}) == 0.02  # FracBits
+    assert _budget_error({"cost_rel_error": -0.1}) == -0.1  # HAWQ-V3, MSQ
+    assert _budget_error({"derived_cost_rel_error": 0.3}) == 0.3  # DNAS
+    assert _budget_error({"target": 4.0, "achieved_cost": 5.0}) == pytest.approx(0.25)  # CSQ: from its costs
+    assert _budget_error({"budget_met": False}) is None

@@ -10,6 +10,10 @@
    target (`repair`), and every mixed layer replaced by the plain FracBits layer at its bits (Form.FRAC), a fresh
    optimiser (EdMIPS retrains the derived network with a new one);
 4. finetune the fixed scheme on the whole training set; the kept model is the best test epoch after derivation.
+
+An explicit target outside the candidates' range is an error; a matched one (a BSQ run's cost) runs at the nearest
+reachable end (`target_used`, `budget_reachable: false`, `budget_floor` / `budget_ceiling`), budget_met judging the
+requested cost.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bsq.budgets import MatchedTarget, clamp_matched
 from bsq.checkpoint import Form
 from bsq.data import Loaders, TensorImageDataset, TrainLoader
 from bsq.engine import EpochAction, FitResult, Hooks, evaluate
@@ -74,15 +79,33 @@ def _read_budget(ctx: RunContext) -> dict[str, Any] | None:
     return budget
 
 
-def _check_reachable(cost: ExpectedCost, model: nn.Module, target: float) -> None:
-    """The target must lie between the all-lowest and all-highest candidate schemes."""
+def _reach(cost: ExpectedCost, model: nn.Module) -> tuple[float, float]:
+    """(lowest, highest) cost the candidates reach: every layer at its lowest, or at its highest, candidate."""
     low = cost.scheme_cost({n: (layer.w_cands[0], (layer.a_cands or [None])[0]) for n, layer in mixed_layers(model)})
     high = cost.scheme_cost({n: (layer.w_cands[-1], (layer.a_cands or [None])[-1]) for n, layer in mixed_layers(model)})
+    return low, high
+
+
+def _check_reachable(cost: ExpectedCost, model: nn.Module, target: float) -> None:
+    """An explicit target (the user's number) must lie between the all-lowest and all-highest candidate schemes."""
+    low, high = _reach(cost, model)
     if not low <= target <= high:
         raise BSQError(
             f"the DNAS target {target:.6g} {cost.unit} is outside what the candidates reach ({low:.6g} with every "
             f"layer at its lowest candidate, {high:.6g} at its highest); change the target or dnas.w_bits / a_bits"
         )
+
+
+def _target(d: DnasConfig, budget: dict[str, Any] | None, cost: ExpectedCost, model: nn.Module) -> MatchedTarget | None:
+    """dnas.target, checked (an unreachable one is the user's mistake: an error), or the budget's cost clamped into
+    the reachable range: a BSQ run's cost outside it (0.87 average bits under a 1-bit floor) runs at the nearest
+    end and reports the miss instead of failing the workflow. None: no target (complexity: edmips)."""
+    if budget is None:
+        if d.target is None:
+            return None
+        _check_reachable(cost, model, d.target)
+        return MatchedTarget(d.target, d.target, *_reach(cost, model))
+    return clamp_matched(target_from_budget(budget, d.match, cost), *_reach(cost, model), cost.unit, "DNAS")
 
 
 # ---- the held-out split (DNAS) ------------------------------------------------------------------------------------
@@ -200,10 +223,16 @@ def theta_optimizer(d: DnasConfig, thetas: list[nn.Parameter]) -> torch.optim.Op
 # ---- the schedule -------------------------------------------------------------------------------------------------
 class _Search:
     """The search around the shared skeleton: theta's optimiser and complexity term while searching, the
-    derivation at `search_epochs`, the loaders of each phase, and the metrics of both phases."""
+    derivation at `search_epochs`, the loaders of each phase, and the metrics of both phases. The search and the
+    repair aim at the target used (`self.target`), budget_met judges the requested one (`self.requested`): they
+    differ for a matched budget outside the candidates' range."""
 
-    def __init__(self, d: DnasConfig, search_epochs: int, target: float | None, shape, full: TrainLoader, theta_loader):
-        self.d, self.search_epochs, self.target, self.shape = d, search_epochs, target, shape
+    def __init__(
+        self, d: DnasConfig, search_epochs: int, target: MatchedTarget | None, shape, full: TrainLoader, theta_loader
+    ):
+        self.d, self.search_epochs, self.shape = d, search_epochs, shape
+        self.target = target.used if target is not None else None
+        self.requested = target.requested if target is not None else None
         self.full, self.theta_loader, self.theta_batches = full, theta_loader, None
         self.cost: ExpectedCost | None = None
         self.thetas: list[nn.Parameter] = []
@@ -292,16 +321,17 @@ class _Search:
         achieved = float(self.cost())
         record: dict[str, Any] = {"derive_epoch": epoch, "expected_cost": expected, "argmax_cost": argmax_cost}
         record["derived_cost"] = achieved
-        if target is not None:
-            record["derived_cost_rel_error"] = achieved / target - 1
-            record["budget_met"] = abs(achieved / target - 1) <= d.tolerance
+        requested = self.requested
+        if requested is not None:
+            record["derived_cost_rel_error"] = achieved / requested - 1
+            record["budget_met"] = abs(achieved / requested - 1) <= d.tolerance
             if not record["budget_met"]:
                 log.warning(
                     "DNAS derivation: the scheme costs %.4g %s, %+.1f %% off the target %.4g",
                     achieved,
                     self.cost.unit,
-                    100 * (achieved / target - 1),
-                    target,
+                    100 * (achieved / requested - 1),
+                    requested,
                 )
         after = evaluate(m, job.plan.loaders.test, job.ctx.device, job.ctx.progress)
         job.start_metrics.update(record, theta_probs=probs, top1_before_ft=after["top1"], top5_before_ft=after["top5"])
@@ -341,8 +371,8 @@ class _Search:
             "selection": "best test top-1 epoch after the derivation",
             **cost_metrics(job.model, job.plan.loaders.info, job.ctx.cfg.data.image_size),
         }
-        if self.target is not None:
-            out["budget_met"] = abs(achieved / self.target - 1) <= d.tolerance
+        if self.requested is not None:
+            out["budget_met"] = abs(achieved / self.requested - 1) <= d.tolerance
         return out
 
 
@@ -384,9 +414,7 @@ def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outp
     shape = input_size(loaders.info, cfg.data.image_size)
     model = to_supernet_(qat_model(parent, policy, shape, ctx.inputs["checkpoint"]), d.w_bits, d.a_bits, d.theta_init)
     probe = ExpectedCost(model, shape, d.cost)
-    target = d.target if budget is None else target_from_budget(budget, d.match, probe)
-    if target is not None:
-        _check_reachable(probe, model, target)
+    target = _target(d, budget, probe, model)
     weights, theta = split_training(loaders, d.holdout, ctx) if d.updates == "alternate" else (loaders.train, None)
     search = _Search(d, search_epochs, target, shape, loaders.train, theta)
     plan = TrainingPlan(
@@ -396,11 +424,11 @@ def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outp
         model_args=qat_model_args(parent),
         policy=policy.to_dict(),  # the derived model's (Form.FRAC); the supernet rebuilds from it too (`build`)
         method="dnas",
-        labels=_labels(d, target, budget),
+        labels=_labels(d, target.requested if target is not None else None, budget),
         prepare=search.prepare,
         evaluate_start=False,
         start_metrics=lambda job, _: {
-            **({"target": target} if target is not None else {}),
+            **({"target": target.requested, **target.metrics()} if target is not None else {}),
             "initial_cost": float(probe().detach()),
             "complexity": d.complexity,
             "lam": d.lam_value,

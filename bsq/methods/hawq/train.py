@@ -12,6 +12,8 @@
    qat.fixed_bits, FRAC form with hard per-layer bits), uniform QAT's recipe, the best test epoch kept.
 
 The target is `hawq.target` or a BSQ run's measured cost (the `budget` input, matched by `hawq.match`), as FracBits.
+An explicit target below the floor (every searched layer at its cheapest candidate) is an error; a matched one runs
+at the floor (`target_used`, `budget_reachable: false`, `budget_floor`) and budget_met judges the requested cost.
 Outputs: the checkpoint (FRAC form), scheme.json, metrics.json (target, ILP objective / status / time, predicted and
 achieved cost, budget_met, `trace/<layer>`), and hessian.json beside metrics.json (traces, Omega, the ILP).
 """
@@ -29,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bsq.budgets import MatchedTarget, clamp_matched
 from bsq.checkpoint import Form, load_model
 from bsq.engine import FitResult
 from bsq.errors import BSQError
 from bsq.methods.hawq.config import HAWQConfig, matched_cost
-from bsq.methods.hawq.ilp import Allocation, Budget, CostTable, allocate
+from bsq.methods.hawq.ilp import Allocation, Budget, CostTable, allocate, cheapest_cost
 from bsq.methods.hawq.sensitivity import sensitivities
 from bsq.quant.convert import is_shortcut
 from bsq.quant.frac import FracLayer, frac_layers, frac_scheme
@@ -173,14 +176,16 @@ def _labels(h: HAWQConfig, target: float, budget: Mapping[str, Any] | None) -> d
 
 def _search_metrics(
     h: HAWQConfig,
-    target: float,
+    target: MatchedTarget,
     budgets: list[Budget],
     allocation: Allocation,
     traces: Mapping[str, HessianTrace],
 ) -> dict[str, Any]:
-    """What the stage knows before training: the target, the ILP and the traces (logged at step 0)."""
+    """What the stage knows before training: the target (requested, and where unreachable the one used), the ILP
+    and the traces (logged at step 0)."""
     return {
-        "target": target,
+        "target": target.requested,
+        **target.metrics(),
         "cost_kind": h.cost,
         "candidates": list(h.candidates),
         **allocation.as_metrics(),
@@ -194,13 +199,16 @@ def _search_metrics(
     }
 
 
-def _final_metrics(job: Training, fit: FitResult, h: HAWQConfig, budgets: list[Budget]) -> dict[str, Any]:
+def _final_metrics(
+    job: Training, fit: FitResult, h: HAWQConfig, budgets: list[Budget], target: float
+) -> dict[str, Any]:
     """The finetuned model's accuracy and its cost as evaluate counts it; budget_met: no budget exceeded by more
-    than `hawq.tolerance` (the ILP keeps every cost at or under its limit)."""
+    than `hawq.tolerance` (the ILP keeps every cost at or under its limit), the target judged as requested (a
+    matched budget below the floor, run at the floor, misses)."""
     final = job.evaluate()
     costs = cost_metrics(job.model, job.plan.loaders.info, job.ctx.cfg.data.image_size)
     achieved = {b.kind: float(costs[ACHIEVED_KEYS[b.kind]]) for b in budgets}
-    target = next(b.limit for b in budgets if b.kind == h.cost)
+    limits = {b.kind: target if b.kind == h.cost else b.limit for b in budgets}
     return {
         "top1": final["top1"],
         "top5": final["top5"],
@@ -210,7 +218,7 @@ def _final_metrics(job: Training, fit: FitResult, h: HAWQConfig, budgets: list[B
         "cost_rel_error": achieved[h.cost] / target - 1,
         **{f"achieved_{kind}": value for kind, value in achieved.items()},
         "tolerance": h.tolerance,
-        "budget_met": all(achieved[b.kind] <= b.limit * (1 + h.tolerance) for b in budgets),
+        "budget_met": all(achieved[kind] <= limit * (1 + h.tolerance) for kind, limit in limits.items()),
         "selection": "best test top-1 epoch (as uniform QAT)",
         **costs,
     }
@@ -254,7 +262,7 @@ class _Search:
     """Steps 1-3, done before the run opens (a bad budget fails without a FAILED run): the target, the budgets,
     the traces, Omega and the allocation, the model set to it."""
 
-    target: float
+    target: MatchedTarget
     budgets: list[Budget]
     traces: dict[str, HessianTrace]
     omega: dict[str, dict[int, float]]
@@ -274,13 +282,23 @@ def _from_rank_zero(ctx: RunContext, value: Any) -> Any:
     return box[0]
 
 
+def _target(h: HAWQConfig, budget: Mapping[str, Any] | None, cost: CostModel, table: CostTable) -> MatchedTarget:
+    """hawq.target as given (below the floor the ILP raises: the user's number, the message names the floor), or
+    the budget's cost raised to the floor (every searched layer at its cheapest candidate) when below it: a BSQ
+    run's cost the candidates cannot reach runs at the floor and reports the miss instead of failing the workflow."""
+    floor = cheapest_cost(table)
+    if budget is None:
+        return MatchedTarget(h.target, h.target, floor)
+    return clamp_matched(target_from_budget(dict(budget), h.match, cost), floor, None, table.unit, "HAWQ")
+
+
 def _search(ctx: RunContext, parent, model: nn.Module, shape, budget, loader) -> _Search:
     h = ctx.cfg.hawq
     layers = searched_layers(model)
     costs = {kind: CostModel(model, shape, kind) for kind in h.limits(1.0)}
-    target = h.target if budget is None else target_from_budget(budget, h.match, costs[h.cost])
-    budgets = [Budget(kind, limit, key) for kind, (limit, key) in h.limits(target).items()]
     tables = {kind: cost_table(cost, layers, h.candidates) for kind, cost in costs.items()}
+    target = _target(h, budget, costs[h.cost], tables[h.cost])
+    budgets = [Budget(kind, limit, key) for kind, (limit, key) in h.limits(target.used).items()]
     traces = hessian_traces(parent, list(layers), ctx, loader)
     weights = {name: layer.weight for name, layer in layers.items()}  # the parent's float weights
     omega = sensitivities(per_param(traces, h.negative_traces), weights, h.candidates, h.quantizer)
@@ -320,10 +338,10 @@ def run(config: Mapping[str, Any] | None, inputs: Mapping[str, Any] | None, outp
         model_args=qat_model_args(parent),
         policy=policy.to_dict(),
         method="hawq",
-        labels=_labels(h, search.target, budget),
+        labels=_labels(h, search.target.requested, budget),
         start_metrics=lambda job, start: {**metrics, "initial_top1": start["top1"]},
         keep_best=True,
-        final_metrics=lambda job, fit: _final_metrics(job, fit, h, search.budgets),
+        final_metrics=lambda job, fit: _final_metrics(job, fit, h, search.budgets, search.target.requested),
         outputs=lambda job, _: _outputs(job, search),
     )
     return run_training(ctx, plan)
