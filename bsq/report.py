@@ -127,10 +127,10 @@ def run_record(
 
 
 def _budget_error(trained: Mapping[str, Any]) -> float | None:
-    """The achieved cost's relative error to the requested target, under each method's name for it (FracBits'
-    hard_cost_rel_error, HAWQ-V3's and MSQ's cost_rel_error, DNAS' derived_cost_rel_error), else from the
-    target and achieved cost (CSQ): every method with a budget_met has its miss shown."""
-    for key in ("hard_cost_rel_error", "cost_rel_error", "derived_cost_rel_error"):
+    """The saved model's relative cost error to the requested target, under each method's name for it
+    (cost_rel_error: FracBits, HAWQ-V3, MSQ; older FracBits runs: hard_cost_rel_error; DNAS: derived_cost_rel_error),
+    else from the target and achieved cost (CSQ): every method with a budget_met has its miss shown."""
+    for key in ("cost_rel_error", "hard_cost_rel_error", "derived_cost_rel_error"):
         if key in trained:
             return trained[key]
     if trained.get("target") and "achieved_cost" in trained:
