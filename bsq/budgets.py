@@ -13,12 +13,16 @@ average bits, below a 1-bit floor) and failing on it would fail the whole compar
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-__all__ = ["COSTS", "MATCHES", "BUDGET_KEYS", "matched_cost", "MatchedTarget", "clamp_matched"]
+from bsq.errors import BSQError
+
+__all__ = ["COSTS", "MATCHES", "BUDGET_KEYS", "matched_cost", "MatchedTarget", "clamp_matched", "read_budget"]
 
 log = logging.getLogger("bsq")
 
@@ -73,3 +77,15 @@ def clamp_matched(requested: float, floor: float, ceiling: float | None, unit: s
             unit,
         )
     return MatchedTarget(requested, used, floor, ceiling)
+
+
+def read_budget(path: str | Path, method: str) -> dict[str, Any]:
+    """A BSQ run's metrics.json given as `method`'s budget input (the workflow's matched runs: its cost becomes the
+    method's target), checked to be a JSON object."""
+    try:
+        budget = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BSQError(f"cannot read the {method} budget {path}: {exc}. Give a BSQ run's metrics.json.") from exc
+    if not isinstance(budget, dict):
+        raise BSQError(f"{path} is not a metrics.json (a JSON object of metrics)")
+    return budget

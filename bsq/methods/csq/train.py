@@ -17,7 +17,6 @@ CSQ's own count N R1 (`csq_avg_bits`), `target`, `achieved_cost` (accountant ave
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bsq.budgets import read_budget
 from bsq.checkpoint import Form, load_model
 from bsq.engine import EpochAction, FitResult, Hooks
 from bsq.errors import BSQError
@@ -40,15 +40,7 @@ log = logging.getLogger("bsq")
 
 
 def _read_budget(ctx: RunContext, c: CSQConfig) -> dict[str, Any] | None:
-    budget = None
-    if "budget" in ctx.inputs:
-        path = ctx.inputs["budget"]
-        try:
-            budget = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise BSQError(f"cannot read the CSQ budget {path}: {exc}. Give a BSQ run's metrics.json.") from exc
-        if not isinstance(budget, dict):
-            raise BSQError(f"{path} is not a metrics.json (a JSON object of metrics)")
+    budget = read_budget(ctx.inputs["budget"], "CSQ") if "budget" in ctx.inputs else None
     if budget is not None and c.target is not None:
         raise BSQError("give either csq.target or a budget input, not both")
     if budget is None and c.target is None:

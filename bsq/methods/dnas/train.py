@@ -18,7 +18,6 @@ requested cost.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsq.budgets import MatchedTarget, clamp_matched
+from bsq.budgets import MatchedTarget, clamp_matched, read_budget
 from bsq.checkpoint import Form
 from bsq.data import Loaders, TensorImageDataset, TrainLoader
 from bsq.engine import EpochAction, FitResult, Hooks, evaluate
@@ -60,13 +59,7 @@ def _read_budget(ctx: RunContext) -> dict[str, Any] | None:
     d = ctx.cfg.dnas
     budget = None
     if "budget" in ctx.inputs:
-        path = ctx.inputs["budget"]
-        try:
-            budget = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise BSQError(f"cannot read the DNAS budget {path}: {exc}. Give a BSQ run's metrics.json.") from exc
-        if not isinstance(budget, dict):
-            raise BSQError(f"{path} is not a metrics.json (a JSON object of metrics)")
+        budget = read_budget(ctx.inputs["budget"], "DNAS")
         if d.target is not None:
             raise BSQError("give either dnas.target or a budget input, not both")
         if d.cost != matched_cost(d.match):

@@ -16,7 +16,6 @@ metrics.json records it, the final epoch, and the accuracy right after the hard 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bsq.budgets import read_budget
 from bsq.checkpoint import Form
 from bsq.engine import EpochAction, FitResult, Hooks, evaluate
 from bsq.errors import BSQError
@@ -38,19 +38,9 @@ from bsq.stages.skeleton import Training, TrainingPlan, run_training
 log = logging.getLogger("bsq")
 
 
-def _read_budget(path) -> dict[str, Any]:
-    try:
-        budget = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BSQError(f"cannot read the FracBits budget {path}: {exc}. Give a BSQ run's metrics.json.") from exc
-    if not isinstance(budget, dict):
-        raise BSQError(f"{path} is not a metrics.json (a JSON object of metrics)")
-    return budget
-
-
 def _read_target_inputs(ctx: RunContext) -> dict[str, Any] | None:
     """The budget input (a BSQ run's metrics.json), or None when `fracbits.target` gives the target."""
-    budget = _read_budget(ctx.inputs["budget"]) if "budget" in ctx.inputs else None
+    budget = read_budget(ctx.inputs["budget"], "FracBits") if "budget" in ctx.inputs else None
     target = ctx.cfg.fracbits.target
     if budget is not None and target is not None:
         raise BSQError("give either fracbits.target or a budget input, not both")

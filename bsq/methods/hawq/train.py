@@ -21,7 +21,6 @@ achieved cost, budget_met, `trace/<layer>`), and hessian.json beside metrics.jso
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsq.budgets import MatchedTarget, clamp_matched
+from bsq.budgets import MatchedTarget, clamp_matched, read_budget
 from bsq.checkpoint import Form, load_model
 from bsq.engine import FitResult
 from bsq.errors import BSQError
@@ -67,14 +66,7 @@ def _read_budget(ctx: RunContext) -> dict[str, Any] | None:
         raise BSQError("give either hawq.target or a budget input, not both")
     if h.cost != matched_cost(h.match):
         raise BSQError(f"hawq.match: {h.match} needs hawq.cost: {matched_cost(h.match)}, got {h.cost}")
-    path = ctx.inputs["budget"]
-    try:
-        budget = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BSQError(f"cannot read the HAWQ budget {path}: {exc}. Give a BSQ run's metrics.json.") from exc
-    if not isinstance(budget, dict):
-        raise BSQError(f"{path} is not a metrics.json (a JSON object of metrics)")
-    return budget
+    return read_budget(ctx.inputs["budget"], "HAWQ")
 
 
 def searched_layers(model: nn.Module) -> dict[str, FracLayer]:

@@ -13,7 +13,6 @@ choice is a switch in `config.py`, methods-next.md MSQ).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bsq.budgets import read_budget
 from bsq.checkpoint import Form, load_model
 from bsq.engine import EpochAction, FitResult, Hooks
 from bsq.errors import BSQError
@@ -43,13 +43,7 @@ def _read_budget(ctx: RunContext) -> dict[str, Any] | None:
     """The budget input (a BSQ run's metrics.json), None without one; never both it and msq.target."""
     if "budget" not in ctx.inputs:
         return None
-    path = ctx.inputs["budget"]
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BSQError(f"cannot read the MSQ budget {path}: {exc}. Give a BSQ run's metrics.json.") from exc
-    if not isinstance(record, dict):
-        raise BSQError(f"{path} is not a metrics.json (a JSON object of metrics)")
+    record = read_budget(ctx.inputs["budget"], "MSQ")
     if ctx.cfg.msq.target is not None:
         raise BSQError("give either msq.target or a budget input, not both")
     return record
