@@ -22,7 +22,16 @@ from typing import Any
 
 from bsq.errors import BSQError
 
-__all__ = ["COSTS", "MATCHES", "BUDGET_KEYS", "matched_cost", "MatchedTarget", "clamp_matched", "read_budget"]
+__all__ = [
+    "COSTS",
+    "MATCHES",
+    "BUDGET_KEYS",
+    "matched_cost",
+    "MatchedTarget",
+    "clamp_matched",
+    "read_budget",
+    "budget_labels",
+]
 
 log = logging.getLogger("bsq")
 
@@ -89,3 +98,15 @@ def read_budget(path: str | Path, method: str) -> dict[str, Any]:
     if not isinstance(budget, dict):
         raise BSQError(f"{path} is not a metrics.json (a JSON object of metrics)")
     return budget
+
+
+def budget_labels(budget: dict[str, Any] | None, match: str | None) -> dict[str, Any]:
+    """The labels of a run matched to a budget: whose run it matches (`budget_of`), on what (`match`) and, for a BSQ
+    run, at which alpha, so tables line it up with that run's row. Empty for an explicit target."""
+    if budget is None:
+        return {}
+    source = budget.get("labels", {})
+    labels: dict[str, Any] = {"budget_of": source.get("method", "bsq"), "match": match}
+    if "alpha" in source:
+        labels["alpha"] = source["alpha"]
+    return labels

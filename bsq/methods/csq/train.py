@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bsq.budgets import read_budget
+from bsq.budgets import budget_labels, read_budget
 from bsq.checkpoint import Form, load_model
 from bsq.engine import EpochAction, FitResult, Hooks
 from bsq.errors import BSQError
@@ -151,10 +151,7 @@ class _Schedule:
 
 def _labels(target: float, c: CSQConfig, budget: dict[str, Any] | None) -> dict[str, Any]:
     labels: dict[str, Any] = {"target": f"{target:.6g}"}
-    if budget is not None:
-        labels.update(budget_of=budget.get("labels", {}).get("method", "bsq"), match=c.match)
-        if "alpha" in budget.get("labels", {}):
-            labels["alpha"] = budget["labels"]["alpha"]
+    labels.update(budget_labels(budget, c.match))
     return labels
 
 

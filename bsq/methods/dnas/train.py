@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsq.budgets import MatchedTarget, clamp_matched, read_budget
+from bsq.budgets import MatchedTarget, budget_labels, clamp_matched, read_budget
 from bsq.checkpoint import Form
 from bsq.data import Loaders, TensorImageDataset, TrainLoader
 from bsq.engine import EpochAction, FitResult, Hooks, evaluate
@@ -388,10 +388,7 @@ def _labels(d: DnasConfig, target: float | None, budget: dict[str, Any] | None) 
     labels = {"cost": d.cost, "mixture": d.mixture, "updates": d.updates}
     if target is not None:
         labels["target"] = f"{target:.6g}"
-    if budget is not None:
-        labels.update(budget_of=budget.get("labels", {}).get("method", "bsq"), match=d.match)
-        if "alpha" in budget.get("labels", {}):
-            labels["alpha"] = budget["labels"]["alpha"]
+    labels.update(budget_labels(budget, d.match))
     return labels
 
 

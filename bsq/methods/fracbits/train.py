@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bsq.budgets import read_budget
+from bsq.budgets import budget_labels, read_budget
 from bsq.checkpoint import Form
 from bsq.engine import EpochAction, FitResult, Hooks, evaluate
 from bsq.errors import BSQError
@@ -71,10 +71,7 @@ def projection(project: str) -> Callable[[nn.Module], None] | None:
 
 def _labels(f: FracBitsConfig, target: float, budget: dict[str, Any] | None) -> dict[str, Any]:
     labels = {"target": f"{target:.6g}", "cost": f.cost}
-    if budget is not None:
-        labels.update(budget_of=budget.get("labels", {}).get("method", "bsq"), match=f.match)
-        if "alpha" in budget.get("labels", {}):
-            labels["alpha"] = budget["labels"]["alpha"]
+    labels.update(budget_labels(budget, f.match))
     return labels
 
 

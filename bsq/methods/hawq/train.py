@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsq.budgets import MatchedTarget, clamp_matched, read_budget
+from bsq.budgets import MatchedTarget, budget_labels, clamp_matched, read_budget
 from bsq.checkpoint import Form, load_model
 from bsq.engine import FitResult
 from bsq.errors import BSQError
@@ -159,10 +159,7 @@ def per_param(traces: Mapping[str, HessianTrace], negative: str) -> dict[str, fl
 
 def _labels(h: HAWQConfig, target: float, budget: Mapping[str, Any] | None) -> dict[str, Any]:
     labels = {"target": f"{target:.6g}", "cost": h.cost}
-    if budget is not None:
-        labels.update(budget_of=budget.get("labels", {}).get("method", "bsq"), match=h.match)
-        if "alpha" in budget.get("labels", {}):
-            labels["alpha"] = budget["labels"]["alpha"]
+    labels.update(budget_labels(budget, h.match))
     return labels
 
 

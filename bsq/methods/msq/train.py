@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bsq.budgets import read_budget
+from bsq.budgets import budget_labels, read_budget
 from bsq.checkpoint import Form, load_model
 from bsq.engine import EpochAction, FitResult, Hooks
 from bsq.errors import BSQError
@@ -189,9 +189,7 @@ def _labels(cfg: MSQConfig, budget: Budget | None, record: Mapping[str, Any] | N
     if budget is not None:
         labels.update(target=f"{budget.requested:.6g}", match=cfg.match)
     if record is not None:
-        labels["budget_of"] = record.get("labels", {}).get("method", "bsq")
-        if "alpha" in record.get("labels", {}):
-            labels["alpha"] = record["labels"]["alpha"]
+        labels.update({k: v for k, v in budget_labels(record, cfg.match).items() if k != "match"})
     return labels
 
 
