@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Flag", "Method", "Point", "StageSpec", "format_number"]
+__all__ = ["Flag", "Method", "Point", "StageSpec", "format_number", "budgeted_points"]
 
 
 def format_number(value: float) -> str:
@@ -107,3 +107,28 @@ class Method:
             if spec.name == name:
                 return spec
         raise KeyError(f"method {self.name} has no stage {name!r}; it has {[s.name for s in self.stages]}")
+
+
+def budgeted_points(
+    method: str,
+    workflow: Mapping[str, Any],
+    matched: Mapping[str, Any] | None,
+    target: Callable[[float], Mapping[str, Any]],
+    labels: Mapping[str, str] | None = None,
+    label_targets: bool = False,
+) -> list[Point]:
+    """The points of a method compared with BSQ at equal cost: one per BSQ alpha at the cost that run reached
+    (`matched`: the stage-config overlay, None = no matched runs; `budget_of` = that BSQ point), then one per
+    explicit target of the method's top-level `targets` (`target(t)`: its overlay). `labels` go on every point;
+    `label_targets` also labels an explicit point with its target."""
+    from bsq.methods import get_method  # BSQ's points, through the registry (imported late: it imports this module)
+
+    extra = dict(labels or {})
+    points = []
+    if matched:
+        for bsq_point in get_method("bsq").points(workflow):
+            points.append(Point(method, bsq_point.slug, matched, {**bsq_point.labels, **extra}, bsq_point))
+    for t in (workflow.get(method) or {}).get("targets", []):
+        own = {"target": str(t)} if label_targets else {}
+        points.append(Point(method, f"target-{t}", target(float(t)), {**own, **extra}))
+    return points

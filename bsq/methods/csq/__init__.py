@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from bsq.errors import BSQError
-from bsq.methods.base import Flag, Method, Point, StageSpec
+from bsq.methods.base import Flag, Method, Point, StageSpec, budgeted_points
 from bsq.methods.csq.config import MATCHES, CSQConfig
 
 __all__ = ["METHOD", "CSQConfig", "CSQ_RECIPE", "FORMS"]
@@ -31,18 +31,9 @@ def _settings(workflow: Mapping[str, Any]) -> Mapping[str, Any]:
 def points(workflow: Mapping[str, Any]) -> list[Point]:
     """One run per BSQ alpha at that run's measured cost (`csq.match`, gates weighted by layer size so the average
     bits land on the accountant's), plus one per explicit target (average bits)."""
-    from bsq.methods import get_method
-
     match = _settings(workflow).get("match")
-    matched = []
-    if match:
-        for bsq_point in get_method("bsq").points(workflow):
-            settings = {"csq": {"match": match, "share": "params"}}
-            matched.append(Point("csq", bsq_point.slug, settings, dict(bsq_point.labels), bsq_point))
-    targets = [
-        Point("csq", f"target-{t}", {"csq": {"target": float(t)}}, {}) for t in _settings(workflow).get("targets", [])
-    ]
-    return matched + targets
+    matched = {"csq": {"match": match, "share": "params"}} if match else None
+    return budgeted_points("csq", workflow, matched, lambda t: {"csq": {"target": t}})
 
 
 def _check_workflow(workflow: Mapping[str, Any]) -> None:

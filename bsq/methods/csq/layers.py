@@ -15,6 +15,7 @@ Parameters, so SGD trains them; ours are fixed.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -135,11 +136,13 @@ class CSQLayer(nn.Module):
         layer.counted = self.counted
         return layer
 
-    def _apply_weight(self, x, weight, bias):  # pragma: no cover - subclasses
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _apply_weight(self, x, weight, bias):
+        """F.conv2d / F.linear with this layer's hyper-parameters."""
 
-    def _empty_bit_twin(self, nbits: int, bias_nbits: int | None) -> BitLayer:  # pragma: no cover - subclasses
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _empty_bit_twin(self, nbits: int, bias_nbits: int | None) -> BitLayer:
+        """A fresh BitConv2d / BitLinear of this layer's shape, the target of the export."""
 
     def extra_repr(self) -> str:
         state = "hard" if self.hard_planes else ("hard gates" if self.hard_gates else "soft")

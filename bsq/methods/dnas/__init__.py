@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from bsq.errors import BSQError
-from bsq.methods.base import Flag, Method, Point, StageSpec
+from bsq.methods.base import Flag, Method, Point, StageSpec, budgeted_points
 from bsq.methods.dnas.config import DnasConfig, matched_cost
 from bsq.methods.qat import QAT_RECIPE, QATConfig
 
@@ -28,18 +28,9 @@ def _settings(workflow: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def points(workflow: Mapping[str, Any]) -> list[Point]:
     """One run per BSQ alpha at that run's measured cost (`dnas.match`), plus one per explicit target."""
-    from bsq.methods import get_method  # BSQ's points, through the registry
-
     match = _settings(workflow).get("match")
-    matched = []
-    if match:
-        for bsq_point in get_method("bsq").points(workflow):
-            settings = {"dnas": {"match": match, "cost": matched_cost(match)}}
-            matched.append(Point("dnas", bsq_point.slug, settings, dict(bsq_point.labels), bsq_point))
-    targets = [
-        Point("dnas", f"target-{t}", {"dnas": {"target": float(t)}}, {}) for t in _settings(workflow).get("targets", [])
-    ]
-    return matched + targets
+    matched = {"dnas": {"match": match, "cost": matched_cost(match)}} if match else None
+    return budgeted_points("dnas", workflow, matched, lambda t: {"dnas": {"target": t}})
 
 
 def _check_workflow(workflow: Mapping[str, Any]) -> None:

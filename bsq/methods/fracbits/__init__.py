@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from bsq.errors import BSQError
-from bsq.methods.base import Flag, Method, Point, StageSpec
+from bsq.methods.base import Flag, Method, Point, StageSpec, budgeted_points
 from bsq.methods.fracbits.config import COSTS, MATCHES, FracBitsConfig, matched_cost
 from bsq.methods.qat import QAT_RECIPE, QATConfig
 
@@ -24,19 +24,9 @@ def _settings(workflow: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def points(workflow: Mapping[str, Any]) -> list[Point]:
     """One run per BSQ alpha at that run's measured cost (`fracbits.match`), plus one per explicit target."""
-    from bsq.methods import get_method  # BSQ's points, through the registry
-
     match = _settings(workflow).get("match")
-    matched = []
-    if match:
-        for bsq_point in get_method("bsq").points(workflow):
-            settings = {"fracbits": {"match": match, "cost": matched_cost(match)}}
-            matched.append(Point("fracbits", bsq_point.slug, settings, dict(bsq_point.labels), bsq_point))
-    targets = [
-        Point("fracbits", f"target-{t}", {"fracbits": {"target": float(t)}}, {})
-        for t in _settings(workflow).get("targets", [])
-    ]
-    return matched + targets
+    matched = {"fracbits": {"match": match, "cost": matched_cost(match)}} if match else None
+    return budgeted_points("fracbits", workflow, matched, lambda t: {"fracbits": {"target": t}})
 
 
 def _check_workflow(workflow: Mapping[str, Any]) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from bsq.errors import BSQError
-from bsq.methods.base import Flag, Method, Point, StageSpec
+from bsq.methods.base import Flag, Method, Point, StageSpec, budgeted_points
 from bsq.methods.hawq.config import COSTS, MATCHES, HAWQConfig, check_candidates, matched_cost
 from bsq.methods.qat import QAT_RECIPE, QATConfig
 
@@ -26,21 +26,10 @@ def _settings(workflow: Mapping[str, Any]) -> Mapping[str, Any]:
 def points(workflow: Mapping[str, Any]) -> list[Point]:
     """One run per BSQ alpha at that run's measured cost (`hawq.match`), plus one per explicit target in
     `hawq.cost` (size: MB, bitops: G)."""
-    from bsq.methods import get_method  # BSQ's points, through the registry
-
     settings = _settings(workflow)
-    match = settings.get("match")
-    matched = []
-    if match:
-        for bsq_point in get_method("bsq").points(workflow):
-            overlay = {"hawq": {"match": match, "cost": matched_cost(match)}}
-            matched.append(Point("hawq", bsq_point.slug, overlay, dict(bsq_point.labels), bsq_point))
-    cost = settings.get("cost", "size")
-    targets = [
-        Point("hawq", f"target-{t}", {"hawq": {"target": float(t), "cost": cost}}, {})
-        for t in settings.get("targets", [])
-    ]
-    return matched + targets
+    match, cost = settings.get("match"), settings.get("cost", "size")
+    matched = {"hawq": {"match": match, "cost": matched_cost(match)}} if match else None
+    return budgeted_points("hawq", workflow, matched, lambda t: {"hawq": {"target": t, "cost": cost}})
 
 
 def _check_workflow(workflow: Mapping[str, Any]) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from bsq.errors import BSQError
-from bsq.methods.base import Flag, Method, Point, StageSpec
+from bsq.methods.base import Flag, Method, Point, StageSpec, budgeted_points
 from bsq.methods.msq.config import MATCHES, MSQConfig
 
 __all__ = ["METHOD", "MSQConfig", "MATCHES", "MSQ_RECIPE"]
@@ -31,27 +31,19 @@ def _settings(workflow: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def points(workflow: Mapping[str, Any]) -> list[Point]:
-    """One run per BSQ alpha at that run's measured cost (`msq.match`), plus one per explicit target."""
-    from bsq.methods import get_method  # BSQ's points, through the registry
-
-    settings = _settings(workflow)
-    match = settings.get("match", "compression")
-    matched = []
-    if match:
-        for bsq_point in get_method("bsq").points(workflow):
-            labels = {**bsq_point.labels, "reconstruction": "true"}
-            matched.append(Point("msq", bsq_point.slug, {"msq": {"match": match}}, labels, bsq_point))
-    explicit_match = match or "compression"
-    targets = [
-        Point(
-            "msq",
-            f"target-{t}",
-            {"msq": {"target": float(t), "match": explicit_match}},
-            {"target": str(t), "reconstruction": "true"},
-        )
-        for t in settings.get("targets", [])
-    ]
-    return matched + targets
+    """One run per BSQ alpha at that run's measured cost (`msq.match`), plus one per explicit target (in the unit of
+    `msq.match`, compression when it is null); every point is labelled a reconstruction."""
+    match = _settings(workflow).get("match", "compression")
+    matched = {"msq": {"match": match}} if match else None
+    explicit = match or "compression"
+    return budgeted_points(
+        "msq",
+        workflow,
+        matched,
+        lambda t: {"msq": {"target": t, "match": explicit}},
+        labels={"reconstruction": "true"},
+        label_targets=True,
+    )
 
 
 def _check_workflow(workflow: Mapping[str, Any]) -> None:
